@@ -1,0 +1,297 @@
+//! The single kernel/user contract of localdns.
+//!
+//! Everything the XDP/TC program and the `localdns-user` daemon exchange is
+//! declared here once: map names, key/value layouts, counter indices, global
+//! variable names and the qname hash both sides must compute identically.
+//!
+//! Layout rules: `#[repr(C)]`, explicit `_pad` fields, integers instead of
+//! `bool`/enums, and a `const` size assertion per struct. Byte order is part of
+//! every field's name or doc comment.
+#![no_std]
+
+/// Cache map name (BTF LRU hash).
+///
+/// - purpose: cached DNS responses the kernel may serve without the daemon
+/// - key: [`CacheKey`]; value: [`CacheValue`]
+/// - writer: `localdns-user` (after each cacheable upstream answer; deletes on
+///   expiry/flush); reader: XDP/TC program (lookup only, never writes)
+/// - capacity: [`CACHE_MAP_ENTRIES`] by default, `--fastpath-entries` at load
+/// - eviction: kernel LRU; the program also refuses entries past `expire_ns`
+pub const MAP_CACHE: &str = "LDNS_CACHE";
+/// Counter map name (BTF per-CPU array of `u64`).
+///
+/// - purpose: hot-path counters (hits, misses, passes by reason)
+/// - key: `u32` index, one of the `STAT_*` constants; value: `u64` count
+/// - writer: XDP/TC program (per CPU, no atomics needed); reader: daemon,
+///   `localdns-user cache stats`, `bpftool map dump`
+/// - capacity: [`STAT_COUNT`]; eviction: none (array)
+pub const MAP_STATS: &str = "LDNS_STATS";
+/// Scratch map name (BTF per-CPU array, one [`Scratch`]).
+///
+/// - purpose: room for the lower-cased qname (the 512-byte BPF stack cannot
+///   hold it next to everything else)
+/// - key: `u32` 0; value: [`Scratch`]; writer and reader: the program itself
+/// - capacity: 1 per CPU; eviction: none
+pub const MAP_SCRATCH: &str = "LDNS_SCRATCH";
+
+/// Global (`.rodata`) with the vnet listener address, IPv4, network byte
+/// order as loaded from the packet (`u32::from_ne_bytes(octets)`).
+pub const GLOBAL_LISTEN_VNET: &str = "LDNS_LISTEN_VNET";
+/// Global with the kube listener address, same encoding as the vnet one.
+pub const GLOBAL_LISTEN_KUBE: &str = "LDNS_LISTEN_KUBE";
+/// Global with the 64-bit seed of [`qname_hash`]; chosen by the daemon at
+/// load time so remote clients cannot aim collisions at the fast path.
+pub const GLOBAL_HASH_SEED: &str = "LDNS_HASH_SEED";
+
+/// Default capacity of [`MAP_CACHE`] (entries). ~1 KiB per entry.
+pub const CACHE_MAP_ENTRIES: u32 = 16384;
+
+/// View index of 169.254.10.10 (`vnetDNSOverrides`).
+pub const VIEW_VNET: u8 = 0;
+/// View index of 169.254.10.11 (`kubeDNSOverrides`).
+pub const VIEW_KUBE: u8 = 1;
+
+/// [`CacheKey::flags`]: the query carried the DO bit.
+pub const KEY_F_DO: u8 = 1;
+/// [`CacheKey::flags`]: the query carried the CD bit.
+pub const KEY_F_CD: u8 = 2;
+/// [`CacheKey::flags`]: the query carried an OPT record (EDNS).
+pub const KEY_F_EDNS: u8 = 4;
+
+/// Longest wire-format qname (RFC 1035 §3.1), root label included.
+pub const MAX_QNAME: usize = 255;
+/// Largest response part after the question that the kernel serves.
+pub const MAX_TAIL: usize = 512;
+/// Largest number of TTL fields a kernel-served response may carry.
+pub const MAX_TTLS: usize = 32;
+/// UDP payload size limit for clients without EDNS (RFC 1035).
+pub const PLAIN_UDP_MAX: u16 = 512;
+
+/// Key of [`MAP_CACHE`]. 16 bytes so the LRU lookup stays cheap; the
+/// lower-cased qname itself lives in the value and is compared on a hit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// [`qname_hash`] of the lower-cased wire qname with the loaded seed.
+    pub qname_hash: u64,
+    /// QTYPE, host byte order.
+    pub qtype: u16,
+    /// QCLASS, host byte order.
+    pub qclass: u16,
+    /// Length of the wire qname in bytes, root label included (1..=255).
+    pub qname_len: u8,
+    /// [`VIEW_VNET`] or [`VIEW_KUBE`].
+    pub view: u8,
+    /// `KEY_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<CacheKey>() == 16);
+
+/// Value of [`MAP_CACHE`]: a response's wire image minus what the kernel
+/// takes from the query (ID, RD bit, question bytes as sent), plus what it
+/// needs to finish the reply in place.
+///
+/// Reply = header (query ID, `flags_be` with the query's RD bit, counts) +
+/// the query's question bytes + `tail[..tail_len]` with every TTL field at
+/// `ttl_off[..ttl_count]` set to `ttl - elapsed_seconds`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CacheValue {
+    /// `CLOCK_MONOTONIC` nanoseconds at insertion (= `bpf_ktime_get_ns`).
+    pub insert_ns: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds from which the entry is not served.
+    pub expire_ns: u64,
+    /// TTL in seconds of every record at `insert_ns` (already capped).
+    pub ttl: u32,
+    /// Partial one's-complement sum (unfolded, native loads of network-order
+    /// words) of the reply's DNS payload except ID, flags, question and TTL
+    /// fields: QDCOUNT..ARCOUNT plus the tail with TTL fields zeroed, each
+    /// byte at its parity in the reply.
+    pub csum_partial: u32,
+    /// Header flags, network byte order, with RD cleared.
+    pub flags_be: u16,
+    /// QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT, network byte order.
+    pub counts_be: [u16; 4],
+    /// Bytes of `tail` in use (1..=[`MAX_TAIL`]).
+    pub tail_len: u16,
+    /// Entries of `ttl_off` in use (0..=[`MAX_TTLS`]).
+    pub ttl_count: u16,
+    /// TTL fields at even DNS-payload offsets (for the checksum).
+    pub ttl_even: u16,
+    /// TTL fields at odd DNS-payload offsets.
+    pub ttl_odd: u16,
+    /// Length of `qname` in bytes; equals the key's `qname_len`.
+    pub qname_len: u16,
+    pub _pad: [u8; 2],
+    /// Offsets of TTL fields from the start of `tail`, host byte order.
+    pub ttl_off: [u16; MAX_TTLS],
+    /// Lower-cased wire qname, zero padded; checked against the query so a
+    /// hash collision can only cause a PASS.
+    pub qname: [u8; MAX_QNAME + 1],
+    /// Answer, authority and additional sections (OPT included), as sent.
+    pub tail: [u8; MAX_TAIL],
+    pub _pad_end: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CacheValue>() == 880);
+
+impl CacheValue {
+    pub const fn zeroed() -> Self {
+        Self {
+            insert_ns: 0,
+            expire_ns: 0,
+            ttl: 0,
+            csum_partial: 0,
+            flags_be: 0,
+            counts_be: [0; 4],
+            tail_len: 0,
+            ttl_count: 0,
+            ttl_even: 0,
+            ttl_odd: 0,
+            qname_len: 0,
+            _pad: [0; 2],
+            ttl_off: [0; MAX_TTLS],
+            qname: [0; MAX_QNAME + 1],
+            tail: [0; MAX_TAIL],
+            _pad_end: [0; 2],
+        }
+    }
+}
+
+/// Value of [`MAP_SCRATCH`]: 8 spare bytes past the longest qname so the
+/// program can treat it as whole 64-bit words.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    pub qname: [u8; MAX_QNAME + 1 + 8],
+}
+const _: () = assert!(core::mem::size_of::<Scratch>() == 264);
+
+// Counter indices of MAP_STATS.
+/// Reply built and sent by the kernel.
+pub const STAT_HIT: u32 = 0;
+/// Eligible query, no entry for its key.
+pub const STAT_MISS: u32 = 1;
+/// Eligible query, entry past `expire_ns`.
+pub const STAT_EXPIRED: u32 = 2;
+/// Not IPv4/UDP to a listener address and port 53 (ordinary traffic).
+pub const STAT_NOT_DNS: u32 = 3;
+/// IPv4 with options, a fragment, or inconsistent lengths.
+pub const STAT_PASS_IP: u32 = 4;
+/// DNS header not eligible (QR, opcode, TC, counts, short packet).
+pub const STAT_PASS_HEADER: u32 = 5;
+/// Question not eligible (compression, label > 63, name > 255, truncated).
+pub const STAT_PASS_QNAME: u32 = 6;
+/// OPT record malformed, not version 0, or trailing bytes.
+pub const STAT_PASS_EDNS: u32 = 7;
+/// Entry's qname differs (hash collision).
+pub const STAT_PASS_COLLISION: u32 = 8;
+/// Reply larger than the client accepts.
+pub const STAT_PASS_SIZE: u32 = 9;
+/// A helper failed (resize, store); packet passed untouched or as before.
+pub const STAT_PASS_ERROR: u32 = 10;
+/// Number of counters.
+pub const STAT_COUNT: u32 = 11;
+
+/// Counter names, indexed by `STAT_*`, for `cache stats` and metrics.
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "hit",
+    "miss",
+    "expired",
+    "not_dns",
+    "pass_ip",
+    "pass_header",
+    "pass_qname",
+    "pass_edns",
+    "pass_collision",
+    "pass_size",
+    "pass_error",
+];
+
+const HASH_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// One step of [`qname_hash`]: mixes one 8-byte word (loaded little-endian,
+/// bytes past the name zeroed).
+#[inline(always)]
+pub const fn qname_hash_step(h: u64, word: u64) -> u64 {
+    let h = (h ^ word).wrapping_mul(HASH_MUL);
+    h ^ (h >> 29)
+}
+
+/// Hash of a lower-cased wire qname; the kernel computes the same thing
+/// word by word with [`qname_hash_step`].
+pub fn qname_hash(seed: u64, name: &[u8]) -> u64 {
+    let mut h = seed;
+    for chunk in name.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        h = qname_hash_step(h, u64::from_le_bytes(w));
+    }
+    h
+}
+
+/// ASCII lower-casing of 8 bytes at once (bytes >= 0x80 and label lengths,
+/// which are <= 63, are left alone), as CoreDNS lower-cases cache keys.
+#[inline(always)]
+pub const fn lower8(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let low7 = w & !HIGH;
+    // High bit of each byte set where the byte is >= 'A' / > 'Z'.
+    let ge_a = low7.wrapping_add((0x80 - b'A' as u64) * ONES);
+    let gt_z = low7.wrapping_add((0x7f - b'Z' as u64) * ONES);
+    let upper = (ge_a ^ gt_z) & !w & HIGH;
+    w | (upper >> 2)
+}
+
+/// Folds a 64-bit one's-complement accumulator to 16 bits.
+#[inline(always)]
+pub const fn csum_fold(mut s: u64) -> u16 {
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid, no padding
+    // holes (explicit `_pad` fields).
+    unsafe impl aya::Pod for super::CacheKey {}
+    unsafe impl aya::Pod for super::CacheValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn lower8_matches_ascii_lowercase() {
+        for b in 0u16..=255 {
+            let b = b as u8;
+            let w = u64::from_le_bytes([b, b'Q', 0x3f, 0x80 | b'A', b'z', b'@', b'[', b]);
+            let got = lower8(w).to_le_bytes();
+            let mut want = w.to_le_bytes();
+            want.make_ascii_lowercase();
+            assert_eq!(got, want, "byte {b:#x}");
+        }
+    }
+
+    #[test]
+    fn hash_depends_on_seed_and_name() {
+        let n = b"\x07example\x04test\x00";
+        assert_ne!(qname_hash(1, n), qname_hash(2, n));
+        assert_ne!(qname_hash(1, n), qname_hash(1, b"\x07exbmple\x04test\x00"));
+        assert_eq!(qname_hash(7, n), qname_hash(7, n));
+    }
+
+    #[test]
+    fn fold_handles_carries() {
+        assert_eq!(csum_fold(0xffff), 0xffff);
+        assert_eq!(csum_fold(0x1_0000), 1);
+        assert_eq!(csum_fold(u64::MAX), 0xffff);
+    }
+}
