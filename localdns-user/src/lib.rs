@@ -1,1 +1,10 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/localdns"));
+//! localdns daemon library: everything `localdns-user` does, in modules the
+//! integration tests can use directly.
+pub mod cache;
+pub mod config;
+pub mod fastpath;
+pub mod forward;
+pub mod listen;
+pub mod metrics;
+pub mod resolver;
+pub mod wire;

@@ -1,0 +1,425 @@
+//! Per-query logic: parse, pick the zone (longest suffix per view), answer
+//! from the cache, or forward and fill both caches.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use localdns_common::{VIEW_KUBE, VIEW_VNET};
+
+use crate::cache::{Cache, Entry, Key, mono_ns};
+use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone};
+use crate::fastpath::Fastpath;
+use crate::forward::{ForwardError, Forwarder, Upstream};
+use crate::wire::{
+    self, HEADER_LEN, Query, RCODE_FORMERR, RCODE_NOTIMP, RCODE_REFUSED, RCODE_SERVFAIL, WireError,
+};
+
+/// Transport a query came in on (the UDP size limit applies only to UDP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+struct ZoneRt {
+    zone: Zone,
+    fwd: Forwarder,
+}
+
+/// Daemon-side counters (the kernel's are in the stats map).
+#[derive(Default)]
+pub struct Counters {
+    pub queries: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub stale_served: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub servfail: AtomicU64,
+    pub refused: AtomicU64,
+    pub formerr: AtomicU64,
+}
+
+pub struct Resolver {
+    views: [Vec<ZoneRt>; 2],
+    pub cache: Cache,
+    pub fastpath: Option<Arc<Fastpath>>,
+    refreshing: Mutex<HashSet<Key>>,
+    pub counters: Counters,
+}
+
+impl Resolver {
+    pub fn new(
+        config: &Config,
+        vnet_upstreams: &[SocketAddr],
+        cluster_upstreams: &[SocketAddr],
+        fastpath: Option<Arc<Fastpath>>,
+    ) -> Arc<Self> {
+        // One Upstream (and TCP connection) per address, shared by zones.
+        let vnet: Vec<_> = vnet_upstreams.iter().map(|a| Upstream::new(*a)).collect();
+        let cluster: Vec<_> = cluster_upstreams
+            .iter()
+            .map(|a| Upstream::new(*a))
+            .collect();
+        let build = |view: ViewKind| -> Vec<ZoneRt> {
+            config
+                .zones(view)
+                .iter()
+                .map(|z| {
+                    let ups = match z.settings.destination {
+                        Destination::VnetDns => vnet.clone(),
+                        Destination::ClusterCoreDns => cluster.clone(),
+                    };
+                    let s = &z.settings;
+                    ZoneRt {
+                        zone: z.clone(),
+                        fwd: Forwarder::new(ups, s.policy, s.protocol, s.max_concurrent),
+                    }
+                })
+                .collect()
+        };
+        Arc::new(Resolver {
+            views: [build(ViewKind::Vnet), build(ViewKind::Kube)],
+            cache: Cache::new(200_000),
+            fastpath,
+            refreshing: Mutex::new(HashSet::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Longest-suffix zone of `qname` (lower-case wire) in `view`.
+    fn zone(&self, view: u8, qname: &[u8]) -> &ZoneRt {
+        let zones = &self.views[usize::from(view == VIEW_KUBE)];
+        zones
+            .iter()
+            .find(|z| is_subdomain(qname, &z.zone.name))
+            .unwrap_or_else(|| zones.last().expect("every view has the root zone"))
+    }
+
+    pub fn upstreams(&self, view: u8, qname: &[u8]) -> &[Arc<Upstream>] {
+        &self.zone(view, qname).fwd.upstreams
+    }
+
+    /// Answers a query. `None`: drop it (not a query, or too short to say
+    /// anything back).
+    pub async fn handle(
+        self: &Arc<Self>,
+        view: u8,
+        raw: &[u8],
+        client: SocketAddr,
+        tr: Transport,
+    ) -> Option<Vec<u8>> {
+        let start = Instant::now();
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let q = match wire::parse_query(raw) {
+            Ok(q) => q,
+            Err(e) => return self.reject(raw, e),
+        };
+        let zone = self.zone(view, &q.qname_lower);
+        let reply = self.answer(view, raw, &q, zone, tr).await;
+        if zone.zone.settings.query_logging == QueryLogging::Log {
+            log_query(client, tr, raw, &q, &reply, start.elapsed().as_secs_f64());
+        }
+        Some(reply)
+    }
+
+    /// The cached answer, without touching the network: lets the UDP loop
+    /// answer hits inline. `None` means "take the async path".
+    pub fn answer_cached(&self, view: u8, raw: &[u8]) -> Option<Vec<u8>> {
+        let q = wire::parse_query(raw).ok()?;
+        let zone = self.zone(view, &q.qname_lower);
+        if zone.zone.settings.query_logging == QueryLogging::Log {
+            return None;
+        }
+        let e = self.cache.get(&Key::of(view, &q))?;
+        let now = mono_ns();
+        if !e.is_fresh(now) {
+            return None;
+        }
+        let out = e.render(raw, &q, now, q.max_udp())?;
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(out)
+    }
+
+    fn reject(&self, raw: &[u8], e: WireError) -> Option<Vec<u8>> {
+        match e {
+            WireError::NotQuery
+            | WireError::Short {
+                len: 0..HEADER_LEN, ..
+            } => None,
+            WireError::Opcode { .. } => wire::error_reply(raw, None, RCODE_NOTIMP, false),
+            WireError::BadVersion { .. } => wire::badvers_reply(raw),
+            _ => {
+                self.counters.formerr.fetch_add(1, Ordering::Relaxed);
+                wire::error_reply(raw, None, RCODE_FORMERR, false)
+            }
+        }
+    }
+
+    async fn answer(
+        self: &Arc<Self>,
+        view: u8,
+        raw: &[u8],
+        q: &Query,
+        zone: &ZoneRt,
+        tr: Transport,
+    ) -> Vec<u8> {
+        let max = match tr {
+            Transport::Udp => q.max_udp(),
+            Transport::Tcp => 65535,
+        };
+        let key = Key::of(view, q);
+        let now = mono_ns();
+        let cached = self.cache.get(&key).filter(|e| now < e.stale_until_ns);
+        if let Some(e) = &cached {
+            if e.is_fresh(now) {
+                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return self.render(e, raw, q, now, max);
+            }
+            if zone.zone.settings.serve_stale == ServeStale::Immediate {
+                self.refresh_in_background(view, q.clone(), key.clone());
+                self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+                return self.render(e, raw, q, now, max);
+            }
+        }
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        match self.forward_and_store(zone, q, key).await {
+            Ok(Stored::Entry(e)) => self.render(&e, raw, q, mono_ns(), max),
+            Ok(Stored::Relay(resp)) => {
+                let stale_ok = zone.zone.settings.serve_stale != ServeStale::Disable;
+                if let (Some(e), true, RCODE_SERVFAIL) = (&cached, stale_ok, wire::rcode(&resp)) {
+                    self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+                    return self.render(e, raw, q, mono_ns(), max);
+                }
+                relay(&resp, raw, q, max)
+            }
+            Err(ForwardError::Overloaded { limit }) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(zone = %zone.zone.text, limit, "maxConcurrent reached: REFUSED");
+                wire::error_reply(raw, Some(q), RCODE_REFUSED, false).unwrap_or_default()
+            }
+            Err(err) => {
+                let stale_ok = zone.zone.settings.serve_stale != ServeStale::Disable;
+                if let (Some(e), true) = (&cached, stale_ok) {
+                    self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+                    return self.render(e, raw, q, mono_ns(), max);
+                }
+                self.counters.servfail.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "[ERROR] plugin/errors: 2 {} {}: {err}",
+                    q.name_text(),
+                    type_name(q.qtype)
+                );
+                wire::error_reply(raw, Some(q), RCODE_SERVFAIL, false).unwrap_or_default()
+            }
+        }
+    }
+
+    fn render(&self, e: &Entry, raw: &[u8], q: &Query, now: u64, max: usize) -> Vec<u8> {
+        e.render(raw, q, now, max)
+            .or_else(|| wire::error_reply(raw, Some(q), e.rcode, true))
+            .unwrap_or_default()
+    }
+
+    async fn forward_and_store(
+        &self,
+        zone: &ZoneRt,
+        q: &Query,
+        key: Key,
+    ) -> Result<Stored, ForwardError> {
+        let resp = zone.fwd.resolve(q).await?;
+        let s = &zone.zone.settings;
+        match Entry::from_upstream(q, &resp, s.cache_secs, s.stale_secs, mono_ns()) {
+            Ok(e) => {
+                let e = Arc::new(e);
+                if let Some(fp) = &self.fastpath {
+                    fp.put(&key, &e);
+                }
+                for gone in self.cache.insert(key, e.clone()) {
+                    if let Some(fp) = &self.fastpath {
+                        fp.remove(&gone);
+                    }
+                }
+                Ok(Stored::Entry(e))
+            }
+            Err(why) => {
+                tracing::trace!(%why, "answer not cached");
+                Ok(Stored::Relay(resp))
+            }
+        }
+    }
+
+    /// serveStale Immediate: one background refresh per entry at a time.
+    fn refresh_in_background(self: &Arc<Self>, view: u8, q: Query, key: Key) {
+        {
+            let mut r = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
+            if !r.insert(key.clone()) {
+                return;
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let zone = me.zone(view, &q.qname_lower);
+            if let Err(e) = me.forward_and_store(zone, &q, key.clone()).await {
+                tracing::debug!(error = %e, "background refresh failed");
+            }
+            me.refreshing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+        });
+    }
+
+    /// Drops entries past their stale window and takes expired ones out of
+    /// the kernel map (the kernel refuses them anyway; this frees room).
+    pub fn sweep(&self) {
+        let now = mono_ns();
+        let gone = self.cache.sweep(now);
+        if let Some(fp) = &self.fastpath {
+            for k in gone.iter().chain(self.cache.expired_keys(now).iter()) {
+                fp.remove(k);
+            }
+        }
+    }
+}
+
+enum Stored {
+    Entry(Arc<Entry>),
+    Relay(Vec<u8>),
+}
+
+/// `qname` equals `zone` or lies below it (both lower-case wire).
+pub fn is_subdomain(qname: &[u8], zone: &[u8]) -> bool {
+    if zone.len() > qname.len() {
+        return false;
+    }
+    let mut p = 0;
+    loop {
+        if qname.len() - p == zone.len() {
+            return &qname[p..] == zone;
+        }
+        let l = qname[p] as usize;
+        if l == 0 {
+            return false;
+        }
+        p += 1 + l;
+        if p > qname.len() {
+            return false;
+        }
+    }
+}
+
+/// An uncacheable upstream reply, passed on with the client's ID and
+/// question bytes (TC=1 when it does not fit).
+fn relay(resp: &[u8], raw: &[u8], q: &Query, max: usize) -> Vec<u8> {
+    if resp.len() > max {
+        return wire::error_reply(raw, Some(q), wire::rcode(resp), true).unwrap_or_default();
+    }
+    let mut out = resp.to_vec();
+    out[0..2].copy_from_slice(&raw[0..2]);
+    out[HEADER_LEN..q.question_end].copy_from_slice(&raw[HEADER_LEN..q.question_end]);
+    out
+}
+
+pub fn type_name(t: u16) -> String {
+    match t {
+        1 => "A".into(),
+        2 => "NS".into(),
+        5 => "CNAME".into(),
+        6 => "SOA".into(),
+        12 => "PTR".into(),
+        15 => "MX".into(),
+        16 => "TXT".into(),
+        28 => "AAAA".into(),
+        33 => "SRV".into(),
+        65 => "HTTPS".into(),
+        255 => "ANY".into(),
+        t => format!("TYPE{t}"),
+    }
+}
+
+fn rcode_name(r: u8) -> &'static str {
+    [
+        "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
+    ]
+    .get(r as usize)
+    .copied()
+    .unwrap_or("RCODE")
+}
+
+/// One line in CoreDNS's `log` plugin default format:
+/// `{remote}:{port} - {id} "{type} {class} {name} {proto} {size} {do} {bufsize}" {rcode} {rflags} {rsize} {duration}`
+pub fn log_query(
+    client: SocketAddr,
+    tr: Transport,
+    raw: &[u8],
+    q: &Query,
+    reply: &[u8],
+    secs: f64,
+) {
+    let proto = if tr == Transport::Udp { "udp" } else { "tcp" };
+    let class = if q.qclass == 1 {
+        "IN".to_string()
+    } else {
+        format!("CLASS{}", q.qclass)
+    };
+    let (rcode, rflags) = if reply.len() >= HEADER_LEN {
+        let f = wire::be16(reply, 2);
+        let mut fl = Vec::new();
+        for (bit, n) in [
+            (0x8000, "qr"),
+            (0x0400, "aa"),
+            (0x0200, "tc"),
+            (0x0100, "rd"),
+            (0x0080, "ra"),
+            (0x0020, "ad"),
+            (0x0010, "cd"),
+        ] {
+            if f & bit != 0 {
+                fl.push(n);
+            }
+        }
+        (rcode_name((f & 0xf) as u8), fl.join(","))
+    } else {
+        ("-", String::new())
+    };
+    let (do_bit, bufsize) = q
+        .edns
+        .map_or((false, 512), |e| (e.do_bit, e.udp_size.max(512)));
+    tracing::info!(
+        "[INFO] {}:{} - {} \"{} {} {} {} {} {} {}\" {} {} {} {:.9}s",
+        client.ip(),
+        client.port(),
+        q.id,
+        type_name(q.qtype),
+        class,
+        q.name_text(),
+        proto,
+        raw.len(),
+        do_bit,
+        bufsize,
+        rcode,
+        rflags,
+        reply.len(),
+        secs
+    );
+}
+
+pub const VIEWS: [(u8, &str); 2] = [(VIEW_VNET, "vnet"), (VIEW_KUBE, "kube")];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subdomain_on_label_boundaries() {
+        let cl = b"\x07cluster\x05local\x00";
+        assert!(is_subdomain(b"\x03svc\x07cluster\x05local\x00", cl));
+        assert!(is_subdomain(cl, cl));
+        assert!(!is_subdomain(b"\x08xcluster\x05local\x00", cl));
+        assert!(is_subdomain(b"\x01a\x00", b"\x00"));
+        assert!(!is_subdomain(b"\x05local\x00", cl));
+    }
+}
