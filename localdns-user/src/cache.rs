@@ -15,8 +15,8 @@ use localdns_common::{
 use thiserror::Error;
 
 use crate::wire::{
-    self, F_AA, F_AD, F_CD, F_QR, F_RA, F_RD, F_TC, HEADER_LEN, Query, RCODE_NOERROR,
-    RCODE_NXDOMAIN, be16,
+    self, F_AD, F_CD, F_QR, F_RA, F_RD, F_TC, HEADER_LEN, Query, RCODE_NOERROR, RCODE_NXDOMAIN,
+    be16,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -165,10 +165,11 @@ impl Entry {
             .iter()
             .map(|&o| (o - qend) as u16)
             .collect();
-        let keep = F_QR | F_AA | F_RA | F_AD | F_CD | 0xf;
+        // A cache is not authoritative and does offer recursion.
+        let keep = F_QR | F_AD | F_CD | 0xf;
         Ok(Entry {
             qname: q.qname_lower.clone(),
-            flags: flags & keep,
+            flags: (flags & keep) | F_RA,
             counts,
             tail,
             ttl_offsets,

@@ -232,6 +232,7 @@ impl Fastpath {
             let path = path.to_path_buf();
             move |source| FastpathError::Pin { path, source }
         };
+        ensure_bpffs(pin_dir).map_err(pin_err(pin_dir))?;
         std::fs::create_dir_all(pin_dir).map_err(pin_err(pin_dir))?;
         let mut pins = Vec::new();
         let mut take = |name: &'static str| -> Result<Map, FastpathError> {
@@ -306,6 +307,39 @@ impl Drop for Fastpath {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs on /sys/fs/bpf when the pin directory is under it and it is
+/// not mounted (a fresh mount namespace, e.g. `ip netns exec`); systemd
+/// mounts it on a normal node.
+fn ensure_bpffs(pin_dir: &Path) -> std::io::Result<()> {
+    if !pin_dir.starts_with(BPF_FS_ROOT) {
+        return Ok(());
+    }
+    let root = std::ffi::CString::new(BPF_FS_ROOT).expect("no NUL");
+    // SAFETY: statfs/mount with valid NUL-terminated strings and buffers.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(root.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+            return Ok(());
+        }
+        let fstype = std::ffi::CString::new("bpf").expect("no NUL");
+        if libc::mount(
+            fstype.as_ptr(),
+            root.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    tracing::info!("mounted bpffs on {BPF_FS_ROOT}");
+    Ok(())
 }
 
 /// Sums the per-CPU counters.

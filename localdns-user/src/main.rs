@@ -41,7 +41,7 @@ enum Cmd {
     Cache {
         #[command(subcommand)]
         op: CacheOp,
-        #[arg(long, default_value = "/sys/fs/bpf/localdns")]
+        #[arg(long, global = true, default_value = "/sys/fs/bpf/localdns")]
         pin_path: PathBuf,
     },
 }
