@@ -3,6 +3,7 @@
 //! and always tear down network namespaces and processes.
 
 pub mod netns;
+pub mod topo;
 
 use std::net::Ipv4Addr;
 
