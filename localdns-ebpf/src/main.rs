@@ -215,7 +215,7 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
     if tot_len != 20 + udp_len || ETH_LEN + tot_len > p.frame_len() {
         return Err(STAT_PASS_IP);
     }
-    if udp_len < 8 + 12 + 5 || udp_len > 8 + MAX_QUERY {
+    if !(8 + 12 + 5..=8 + MAX_QUERY).contains(&udp_len) {
         return Err(STAT_PASS_HEADER);
     }
     let dns_end = UDP_OFF + udp_len;
@@ -291,7 +291,7 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
     // --- key: lower-cased qname hashed in 8-byte words (scratch map) ---
     let scratch = LDNS_SCRATCH.get_ptr_mut(0).ok_or(STAT_PASS_ERROR)?;
     let sq = unsafe { (*scratch).qname.as_mut_ptr() };
-    if qlen == 0 || qlen > MAX_QNAME {
+    if !(1..=MAX_QNAME).contains(&qlen) {
         return Err(STAT_PASS_QNAME);
     }
     p.load(Q_OFF as u32, sq, qlen as u32)?;
@@ -322,7 +322,7 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
         flags: kflags,
         _pad: 0,
     };
-    let v = match LDNS_CACHE.get_ptr(&key) {
+    let v = match LDNS_CACHE.get_ptr(key) {
         Some(v) => unsafe { &*v },
         None => return Err(STAT_MISS),
     };

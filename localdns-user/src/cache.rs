@@ -254,7 +254,7 @@ impl Entry {
         let tail_at = HEADER_LEN + qlen + 4;
         for (i, &o) in self.ttl_offsets.iter().enumerate() {
             v.ttl_off[i] = o;
-            if (tail_at + o as usize) % 2 == 0 {
+            if (tail_at + o as usize).is_multiple_of(2) {
                 v.ttl_even += 1;
             } else {
                 v.ttl_odd += 1;

@@ -28,14 +28,14 @@ pub enum FastpathError {
     #[error("loading the eBPF object: {source}")]
     Object {
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {prog} rejected by the kernel: {source}\nverifier log:\n{log}")]
     Verifier {
         prog: &'static str,
         log: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attaching {prog} to {iface} ({mode}): {source}")]
     Attach {
@@ -43,13 +43,13 @@ pub enum FastpathError {
         iface: String,
         mode: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("pinning under {path}: {source}")]
     Pin {
@@ -94,7 +94,9 @@ pub fn open(
         .override_global(GLOBAL_HASH_SEED, &seed, true)
         .map_max_entries(MAP_CACHE, entries)
         .load(EBPF_OBJECT)
-        .map_err(|source| FastpathError::Object { source })
+        .map_err(|e| FastpathError::Object {
+            source: Box::new(e),
+        })
 }
 
 fn verifier(prog: &'static str, source: ProgramError) -> FastpathError {
@@ -102,7 +104,11 @@ fn verifier(prog: &'static str, source: ProgramError) -> FastpathError {
         ProgramError::LoadError { verifier_log, .. } => verifier_log.to_string(),
         _ => String::new(),
     };
-    FastpathError::Verifier { prog, log, source }
+    FastpathError::Verifier {
+        prog,
+        log,
+        source: Box::new(source),
+    }
 }
 
 /// Loads (verifies) the XDP program and returns it.
@@ -195,7 +201,7 @@ impl Fastpath {
                         prog: TC_PROG,
                         iface: iface.clone(),
                         mode: "tc",
-                        source,
+                        source: Box::new(source),
                     })?;
                 attached.push((iface.clone(), "tc"));
             }
@@ -223,7 +229,7 @@ impl Fastpath {
                     prog: XDP_PROG,
                     iface: iface.clone(),
                     mode: if native { "xdp" } else { "xdp-generic" },
-                    source,
+                    source: Box::new(source),
                 })?;
                 attached.push((iface.clone(), how));
             }
@@ -250,11 +256,11 @@ impl Fastpath {
         let stats_map = take(MAP_STATS)?;
         let cache = BpfHashMap::try_from(cache_map).map_err(|source| FastpathError::Map {
             name: MAP_CACHE,
-            source,
+            source: Box::new(source),
         })?;
         let stats = PerCpuArray::try_from(stats_map).map_err(|source| FastpathError::Map {
             name: MAP_STATS,
-            source,
+            source: Box::new(source),
         })?;
         Ok(Fastpath {
             _ebpf: ebpf,
@@ -352,28 +358,29 @@ pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)>
         .collect()
 }
 
+/// The cache and counter maps of a running instance.
+pub type PinnedMaps = (
+    BpfHashMap<MapData, CacheKey, CacheValue>,
+    PerCpuArray<MapData, u64>,
+);
+
 /// Opens the pinned maps of a running instance (`cache stats|dump|flush`).
-pub fn open_pinned(
-    pin_dir: &Path,
-) -> Result<
-    (
-        BpfHashMap<MapData, CacheKey, CacheValue>,
-        PerCpuArray<MapData, u64>,
-    ),
-    FastpathError,
-> {
+pub fn open_pinned(pin_dir: &Path) -> Result<PinnedMaps, FastpathError> {
     let open = |name: &'static str| {
         MapData::from_pin(pin_dir.join(name))
             .and_then(Map::from_map_data)
-            .map_err(|source| FastpathError::Map { name, source })
+            .map_err(|source| FastpathError::Map {
+                name,
+                source: Box::new(source),
+            })
     };
     let cache = BpfHashMap::try_from(open(MAP_CACHE)?).map_err(|source| FastpathError::Map {
         name: MAP_CACHE,
-        source,
+        source: Box::new(source),
     })?;
     let stats = PerCpuArray::try_from(open(MAP_STATS)?).map_err(|source| FastpathError::Map {
         name: MAP_STATS,
-        source,
+        source: Box::new(source),
     })?;
     Ok((cache, stats))
 }

@@ -60,6 +60,10 @@ pub struct Topo {
 
 impl Topo {
     /// Namespaces, veths, addresses, and NSD serving the test zones.
+    #[expect(
+        clippy::new_without_default,
+        reason = "building a topology has side effects; Default would hide them"
+    )]
     pub fn new() -> Topo {
         assert!(
             crate::is_root(),

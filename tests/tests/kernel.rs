@@ -157,10 +157,13 @@ enum Expect {
     Pass(u32),
 }
 
+/// (destination, query message, upstream reply builder, age of the entry).
+type Seed = (Ipv4Addr, Vec<u8>, fn(&[u8]) -> Vec<u8>, u64);
+
 struct Case {
     name: &'static str,
     /// (destination, query message) seeded with (response builder, age).
-    seed: Option<(Ipv4Addr, Vec<u8>, fn(&[u8]) -> Vec<u8>, u64)>,
+    seed: Option<Seed>,
     /// The frame sent, and the DNS message inside it (for Hit).
     frame: Vec<u8>,
     dns: Vec<u8>,

@@ -1,1 +1,197 @@
-fn main() {}
+//! `cargo xtask`: set-up, build, run, test and lint for localdns.
+//!
+//! Every command first makes sure the prerequisites are there (idempotent,
+//! quick when they are): the nightly `rust-src` component and `bpf-linker`
+//! 0.10.3 for the eBPF crate, and the Debian packages the daemon and the
+//! tests use.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.10.3";
+/// Debian packages: the daemon needs iproute2; the tests need real DNS
+/// clients and servers, nftables, bpftool and nsenter.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "dnsutils",
+    "knot-dnsutils",
+    "dnsperf",
+    "nsd",
+    "nftables",
+    "bpftool",
+    "util-linux",
+    "python3",
+];
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites (toolchain parts and Debian packages).
+    Prereqs,
+    /// Build the release binary (eBPF object embedded).
+    Build,
+    /// Build, then run the daemon (as root) with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Lint (fmt, clippy on userspace and eBPF crates), then run every test:
+    /// unit, BPF_PROG_TEST_RUN and network-namespace integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// fmt check and clippy -D warnings on both userspace and eBPF crates.
+    Lint,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn prereqs() -> Result<()> {
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if !has_src {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !linker_ok {
+        // Newer releases need a system LLVM 21+; this one uses rustc's LLVM.
+        run(Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
+        .collect();
+    if !missing.is_empty() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc_geteuid() } != 0 {
+            bail!("missing Debian packages {missing:?}: run as root or apt-get install them");
+        }
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "localdns-user"]))
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo")
+        .current_dir(root().join("localdns-ebpf"))
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .args([
+            "+nightly",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Prereqs => prereqs(),
+        Cmd::Build => {
+            prereqs()?;
+            build()
+        }
+        Cmd::Run { args } => {
+            prereqs()?;
+            build()?;
+            let bin = root().join("target/release/localdns-user");
+            run(Command::new(bin).args(args))
+        }
+        Cmd::Lint => {
+            prereqs()?;
+            lint()
+        }
+        Cmd::Test { args } => {
+            prereqs()?;
+            lint()?;
+            build()?;
+            let bin = root().join("target/release/localdns-user");
+            run(cargo()
+                .args(["test", "--release"])
+                .env("LOCALDNS_BIN", bin)
+                .arg("--")
+                .args(args))
+        }
+    }
+}
