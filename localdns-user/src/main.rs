@@ -37,6 +37,20 @@ enum Cmd {
     Run(RunArgs),
     /// Validate a localdnsconfig.json: exit 0 when the daemon would start.
     CheckConfig { file: PathBuf },
+    /// Print the CoreDNS Corefile the same config means (as AKS generates it).
+    RenderCorefile {
+        file: PathBuf,
+        #[arg(long, default_value = "169.254.10.10")]
+        vnet_listen: String,
+        #[arg(long, default_value = "169.254.10.11")]
+        kube_listen: String,
+        /// Forward target of VnetDNS zones.
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        vnet_dns: String,
+        /// Forward target of ClusterCoreDNS zones.
+        #[arg(long, default_value = "10.0.0.10")]
+        cluster_dns: String,
+    },
     /// Inspect the running instance's pinned kernel maps.
     Cache {
         #[command(subcommand)]
@@ -101,6 +115,26 @@ fn main() -> Result<()> {
     match cli.cmd {
         Some(Cmd::CheckConfig { file }) => check_config(&file),
         Some(Cmd::Cache { op, pin_path }) => cache_cmd(op, &pin_path),
+        Some(Cmd::RenderCorefile {
+            file,
+            vnet_listen,
+            kube_listen,
+            vnet_dns,
+            cluster_dns,
+        }) => {
+            let l = config::load_file(&file.to_string_lossy())?;
+            for w in &l.warnings {
+                eprintln!("warning: {w} (Preferred mode: default used)");
+            }
+            let ctx = config::CorefileContext {
+                vnet_listen: &vnet_listen,
+                kube_listen: &kube_listen,
+                vnet_dns: &vnet_dns,
+                cluster_dns: &cluster_dns,
+            };
+            print!("{}", config::render_corefile(&l.config, &ctx));
+            Ok(())
+        }
         Some(Cmd::Run(args)) => run(args),
         None => run(cli.run),
     }
