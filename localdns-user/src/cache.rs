@@ -361,6 +361,16 @@ impl Cache {
         gone
     }
 
+    /// Removes the entries whose key matches `f`; returns their keys.
+    pub fn remove_if(&self, f: impl Fn(&Key) -> bool) -> Vec<Key> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<Key> = map.keys().filter(|k| f(k)).cloned().collect();
+        for k in &gone {
+            map.remove(k);
+        }
+        gone
+    }
+
     /// Keys of entries that expired (are stale) but are still kept.
     pub fn expired_keys(&self, now_ns: u64) -> Vec<Key> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());

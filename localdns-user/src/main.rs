@@ -300,7 +300,7 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not implemented yet; still running on the loaded config"),
+            _ = hup.recv() => reload(&args, &res),
         }
     }
     tracing::info!("shutting down: detaching the fast path and removing listener addresses");
@@ -311,6 +311,29 @@ async fn serve(
     drop(fastpath);
     drop(addrs);
     Ok(())
+}
+
+/// SIGHUP: re-read --config; apply it if valid, else keep the old one.
+fn reload(args: &RunArgs, res: &Resolver) {
+    let Some(path) = &args.config else {
+        tracing::info!("SIGHUP: running on the embedded config, nothing to reload");
+        return;
+    };
+    match config::load_file(&path.to_string_lossy()) {
+        Ok(l) if l.config.mode == Mode::Disabled => {
+            tracing::warn!(
+                "reload: mode Disabled takes effect on restart; still running on the previous config"
+            )
+        }
+        Ok(l) => {
+            for w in &l.warnings {
+                tracing::warn!("config: {w} (Preferred mode: using the default)");
+            }
+            let dropped = res.reload(&l.config);
+            tracing::info!(dropped_cache_entries = dropped, "configuration reloaded");
+        }
+        Err(e) => tracing::error!("reload failed, still running on the previous config: {e}"),
+    }
 }
 
 /// mode Disabled: take over nothing and remove what an earlier run left.
@@ -338,7 +361,12 @@ fn init_logging(json: bool) {
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Colours only for a terminal, not for files or journald.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init();
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use localdns_common::{VIEW_KUBE, VIEW_VNET};
@@ -41,8 +41,13 @@ pub struct Counters {
     pub formerr: AtomicU64,
 }
 
+/// The zones of both views, swapped as a whole on reload.
+type Views = [Vec<ZoneRt>; 2];
+
 pub struct Resolver {
-    views: [Vec<ZoneRt>; 2],
+    views: RwLock<Arc<Views>>,
+    vnet_upstreams: Vec<Arc<Upstream>>,
+    cluster_upstreams: Vec<Arc<Upstream>>,
     pub cache: Cache,
     pub fastpath: Option<Arc<Fastpath>>,
     refreshing: Mutex<HashSet<Key>>,
@@ -56,31 +61,18 @@ impl Resolver {
         cluster_upstreams: &[SocketAddr],
         fastpath: Option<Arc<Fastpath>>,
     ) -> Arc<Self> {
-        // One Upstream (and TCP connection) per address, shared by zones.
+        // One Upstream (and TCP connection) per address, shared by zones and
+        // kept across reloads.
         let vnet: Vec<_> = vnet_upstreams.iter().map(|a| Upstream::new(*a)).collect();
         let cluster: Vec<_> = cluster_upstreams
             .iter()
             .map(|a| Upstream::new(*a))
             .collect();
-        let build = |view: ViewKind| -> Vec<ZoneRt> {
-            config
-                .zones(view)
-                .iter()
-                .map(|z| {
-                    let ups = match z.settings.destination {
-                        Destination::VnetDns => vnet.clone(),
-                        Destination::ClusterCoreDns => cluster.clone(),
-                    };
-                    let s = &z.settings;
-                    ZoneRt {
-                        zone: z.clone(),
-                        fwd: Forwarder::new(ups, s.policy, s.protocol, s.max_concurrent),
-                    }
-                })
-                .collect()
-        };
+        let views = build_views(config, &vnet, &cluster);
         Arc::new(Resolver {
-            views: [build(ViewKind::Vnet), build(ViewKind::Kube)],
+            views: RwLock::new(Arc::new(views)),
+            vnet_upstreams: vnet,
+            cluster_upstreams: cluster,
             cache: Cache::new(200_000),
             fastpath,
             refreshing: Mutex::new(HashSet::new()),
@@ -88,17 +80,36 @@ impl Resolver {
         })
     }
 
-    /// Longest-suffix zone of `qname` (lower-case wire) in `view`.
-    fn zone(&self, view: u8, qname: &[u8]) -> &ZoneRt {
-        let zones = &self.views[usize::from(view == VIEW_KUBE)];
-        zones
-            .iter()
-            .find(|z| is_subdomain(qname, &z.zone.name))
-            .unwrap_or_else(|| zones.last().expect("every view has the root zone"))
+    fn views(&self) -> Arc<Views> {
+        self.views.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn upstreams(&self, view: u8, qname: &[u8]) -> &[Arc<Upstream>] {
-        &self.zone(view, qname).fwd.upstreams
+    /// Applies a new configuration at once (queries in flight finish on the
+    /// old one). Cached answers of zones whose settings did not change are
+    /// kept; the others are dropped, from the kernel map too. Returns how
+    /// many entries were dropped.
+    pub fn reload(&self, config: &Config) -> usize {
+        let new = Arc::new(build_views(
+            config,
+            &self.vnet_upstreams,
+            &self.cluster_upstreams,
+        ));
+        let old = std::mem::replace(
+            &mut *self.views.write().unwrap_or_else(|e| e.into_inner()),
+            new.clone(),
+        );
+        let changed = |k: &Key| {
+            let a = &find_zone(&old, k.view, &k.qname).zone;
+            let b = &find_zone(&new, k.view, &k.qname).zone;
+            a.name != b.name || a.settings != b.settings
+        };
+        let gone = self.cache.remove_if(changed);
+        if let Some(fp) = &self.fastpath {
+            for k in &gone {
+                fp.remove(k);
+            }
+        }
+        gone.len()
     }
 
     /// Answers a query. `None`: drop it (not a query, or too short to say
@@ -116,7 +127,8 @@ impl Resolver {
             Ok(q) => q,
             Err(e) => return self.reject(raw, e),
         };
-        let zone = self.zone(view, &q.qname_lower);
+        let views = self.views();
+        let zone = find_zone(&views, view, &q.qname_lower);
         let reply = self.answer(view, raw, &q, zone, tr).await;
         if zone.zone.settings.query_logging == QueryLogging::Log {
             log_query(client, tr, raw, &q, &reply, start.elapsed().as_secs_f64());
@@ -128,7 +140,8 @@ impl Resolver {
     /// answer hits inline. `None` means "take the async path".
     pub fn answer_cached(&self, view: u8, raw: &[u8]) -> Option<Vec<u8>> {
         let q = wire::parse_query(raw).ok()?;
-        let zone = self.zone(view, &q.qname_lower);
+        let views = self.views();
+        let zone = find_zone(&views, view, &q.qname_lower);
         if zone.zone.settings.query_logging == QueryLogging::Log {
             return None;
         }
@@ -261,7 +274,8 @@ impl Resolver {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let zone = me.zone(view, &q.qname_lower);
+            let views = me.views();
+            let zone = find_zone(&views, view, &q.qname_lower);
             if let Err(e) = me.forward_and_store(zone, &q, key.clone()).await {
                 tracing::debug!(error = %e, "background refresh failed");
             }
@@ -283,6 +297,37 @@ impl Resolver {
             }
         }
     }
+}
+
+fn build_views(config: &Config, vnet: &[Arc<Upstream>], cluster: &[Arc<Upstream>]) -> Views {
+    let build = |view: ViewKind| -> Vec<ZoneRt> {
+        config
+            .zones(view)
+            .iter()
+            .map(|z| {
+                let ups = match z.settings.destination {
+                    Destination::VnetDns => vnet.to_vec(),
+                    Destination::ClusterCoreDns => cluster.to_vec(),
+                };
+                let s = &z.settings;
+                ZoneRt {
+                    zone: z.clone(),
+                    fwd: Forwarder::new(ups, s.policy, s.protocol, s.max_concurrent),
+                }
+            })
+            .collect()
+    };
+    [build(ViewKind::Vnet), build(ViewKind::Kube)]
+}
+
+/// Longest-suffix zone of `qname` (lower-case wire) in `view`; zones are
+/// sorted longest first and every view has the root zone.
+fn find_zone<'a>(views: &'a Views, view: u8, qname: &[u8]) -> &'a ZoneRt {
+    let zones = &views[usize::from(view == VIEW_KUBE)];
+    zones
+        .iter()
+        .find(|z| is_subdomain(qname, &z.zone.name))
+        .unwrap_or_else(|| zones.last().expect("every view has the root zone"))
 }
 
 enum Stored {
@@ -412,6 +457,66 @@ pub const VIEWS: [(u8, &str); 2] = [(VIEW_VNET, "vnet"), (VIEW_KUBE, "kube")];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(qname: &[u8]) -> Arc<Entry> {
+        Arc::new(Entry {
+            qname: qname.to_vec(),
+            flags: 0x8180,
+            counts: [1, 0, 0, 0],
+            tail: vec![],
+            ttl_offsets: vec![],
+            ttl: 60,
+            insert_ns: mono_ns(),
+            expire_ns: mono_ns() + 60_000_000_000,
+            stale_until_ns: mono_ns() + 60_000_000_000,
+            rcode: 0,
+        })
+    }
+
+    fn key(view: u8, qname: &[u8]) -> Key {
+        Key {
+            view,
+            flags: 0,
+            qtype: 1,
+            qclass: 1,
+            qname: qname.into(),
+        }
+    }
+
+    #[test]
+    fn reload_keeps_the_cache_of_unchanged_zones() {
+        let before = crate::config::parse(crate::config::DEFAULT_CONFIG)
+            .unwrap()
+            .config;
+        let r = Resolver::new(&before, &[], &[], None);
+        let www = b"\x03www\x07example\x04test\x00".as_slice();
+        let svc = b"\x03svc\x07cluster\x05local\x00".as_slice();
+        for (view, name) in [
+            (VIEW_VNET, www),
+            (VIEW_KUBE, www),
+            (VIEW_KUBE, svc),
+            (VIEW_VNET, svc),
+        ] {
+            r.cache.insert(key(view, name), entry(name));
+        }
+        // Same file again: nothing dropped.
+        assert_eq!(r.reload(&before), 0);
+        // Change cluster.local of the kube view only.
+        let d = crate::config::DEFAULT_CONFIG;
+        let pat = "\"cacheDurationInSeconds\": 3600";
+        let i = d.rfind(pat).unwrap(); // the last block: kube cluster.local
+        let text = format!(
+            "{}\"cacheDurationInSeconds\": 30{}",
+            &d[..i],
+            &d[i + pat.len()..]
+        );
+        let after = crate::config::parse(&text).unwrap().config;
+        assert_eq!(r.reload(&after), 1);
+        assert!(r.cache.get(&key(VIEW_KUBE, svc)).is_none());
+        for (view, name) in [(VIEW_VNET, www), (VIEW_KUBE, www), (VIEW_VNET, svc)] {
+            assert!(r.cache.get(&key(view, name)).is_some());
+        }
+    }
 
     #[test]
     fn subdomain_on_label_boundaries() {

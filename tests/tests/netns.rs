@@ -265,3 +265,79 @@ fn malformed_queries_do_not_hurt() {
         "daemon died"
     );
 }
+
+#[test]
+fn sighup_reloads_valid_files_and_keeps_running_on_invalid_ones() {
+    let mut t = Topo::new();
+    let cfg = t.dir.path.join("localdnsconfig.json");
+    let sample = include_str!("../../localdns-user/default-localdnsconfig.json");
+    std::fs::write(&cfg, sample).unwrap();
+    t.start_daemon(&["--iface", "vpod0", "--config", cfg.to_str().unwrap()]);
+    let v = answers(&t, VNET, "www.example.test", "A");
+    answers(&t, KUBE, "kubernetes.default.svc.cluster.local", "A");
+    let reloads = |t: &Topo, what: &str| t.daemon_log().matches(what).count();
+
+    // Valid change to the kube view's cluster.local only: the vnet "."
+    // entry stays cached, in the kernel too.
+    let i = sample.rfind("\"cacheDurationInSeconds\": 3600").unwrap();
+    let changed = format!(
+        "{}\"cacheDurationInSeconds\": 5{}",
+        &sample[..i],
+        &sample[i + 30..]
+    );
+    std::fs::write(&cfg, changed).unwrap();
+    t.daemon.as_ref().unwrap().signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(5), || (reloads(
+            &t,
+            "configuration reloaded"
+        ) == 1)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        t.daemon_log()
+    );
+    assert!(
+        t.daemon_log().contains("dropped_cache_entries=1"),
+        "{}",
+        t.daemon_log()
+    );
+    let h0 = t.kernel_stat("hit");
+    assert_eq!(answers(&t, VNET, "www.example.test", "A"), v);
+    assert_eq!(
+        t.kernel_stat("hit"),
+        h0 + 1,
+        "unchanged zone lost its cache"
+    );
+    // The changed zone now caps TTLs at 5 s.
+    answers(&t, KUBE, "kubernetes.default.svc.cluster.local", "A");
+    let (_, a) = t
+        .dig(KUBE, "kubernetes.default.svc.cluster.local", "A")
+        .unwrap();
+    let ttl: u32 = a[0].split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(ttl <= 5, "{a:?}");
+
+    // Invalid file: logged, old config kept, still answering.
+    std::fs::write(&cfg, "{ not json").unwrap();
+    t.daemon.as_ref().unwrap().signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(5), || (reloads(&t, "reload failed")
+            == 1)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        t.daemon_log()
+    );
+    assert_eq!(answers(&t, VNET, "www.example.test", "A"), v);
+    answers(&t, VNET, "alias.example.test", "A");
+    assert!(
+        t.daemon
+            .as_mut()
+            .unwrap()
+            .child
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "daemon died on SIGHUP"
+    );
+}
