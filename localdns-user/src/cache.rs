@@ -371,11 +371,11 @@ impl Cache {
         gone
     }
 
-    /// Keys of entries that expired (are stale) but are still kept.
-    pub fn expired_keys(&self, now_ns: u64) -> Vec<Key> {
+    /// Keys of entries that expired in `[since_ns, now_ns)` (kept as stale).
+    pub fn expired_between(&self, since_ns: u64, now_ns: u64) -> Vec<Key> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.iter()
-            .filter(|(_, e)| !e.is_fresh(now_ns))
+            .filter(|(_, e)| e.expire_ns >= since_ns && e.expire_ns < now_ns)
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -440,6 +440,38 @@ mod tests {
             assert_eq!(u32::from_be_bytes(out[o..o + 4].try_into().unwrap()), 93);
         }
         assert_eq!(parsed.opt.unwrap().edns.udp_size, wire::OUR_UDP_SIZE);
+    }
+
+    #[test]
+    fn expired_between_reports_each_expiry_once() {
+        let c = Cache::new(10);
+        for (i, exp) in [10u64, 20, 30].iter().enumerate() {
+            let e = Entry {
+                qname: vec![1, b'a' + i as u8, 0],
+                flags: 0,
+                counts: [1, 0, 0, 0],
+                tail: vec![],
+                ttl_offsets: vec![],
+                ttl: 1,
+                insert_ns: 0,
+                expire_ns: *exp,
+                stale_until_ns: 100,
+                rcode: 0,
+            };
+            let key = Key {
+                view: 0,
+                flags: 0,
+                qtype: 1,
+                qclass: 1,
+                qname: e.qname.clone().into(),
+            };
+            c.insert(key, Arc::new(e));
+        }
+        let got = c.expired_between(15, 25);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&*got[0].qname, &[1, b'b', 0]);
+        assert!(c.expired_between(31, 40).is_empty(), "already reported");
+        assert_eq!(c.sweep(100).len(), 3);
     }
 
     #[test]

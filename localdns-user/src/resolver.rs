@@ -51,6 +51,8 @@ pub struct Resolver {
     pub cache: Cache,
     pub fastpath: Option<Arc<Fastpath>>,
     refreshing: Mutex<HashSet<Key>>,
+    /// When [`Resolver::sweep`] last ran (CLOCK_MONOTONIC ns).
+    last_sweep_ns: AtomicU64,
     pub counters: Counters,
 }
 
@@ -76,6 +78,7 @@ impl Resolver {
             cache: Cache::new(200_000),
             fastpath,
             refreshing: Mutex::new(HashSet::new()),
+            last_sweep_ns: AtomicU64::new(0),
             counters: Counters::default(),
         })
     }
@@ -286,13 +289,18 @@ impl Resolver {
         });
     }
 
-    /// Drops entries past their stale window and takes expired ones out of
-    /// the kernel map (the kernel refuses them anyway; this frees room).
+    /// Drops entries past their stale window, and takes entries that
+    /// expired since the last sweep out of the kernel map (the kernel refuses
+    /// expired entries anyway; this frees LRU room, once per entry).
     pub fn sweep(&self) {
         let now = mono_ns();
+        let since = self.last_sweep_ns.swap(now, Ordering::Relaxed);
         let gone = self.cache.sweep(now);
         if let Some(fp) = &self.fastpath {
-            for k in gone.iter().chain(self.cache.expired_keys(now).iter()) {
+            for k in gone
+                .iter()
+                .chain(self.cache.expired_between(since, now).iter())
+            {
                 fp.remove(k);
             }
         }
