@@ -34,6 +34,19 @@ pub const MAP_STATS: &str = "LDNS_STATS";
 /// - capacity: 1 per CPU; eviction: none
 pub const MAP_SCRATCH: &str = "LDNS_SCRATCH";
 
+/// Query-log ring buffer name (BTF ring buffer of [`LogEvent`]).
+///
+/// - purpose: one event per kernel-answered query of a zone with
+///   `queryLogging: Log`, so those queries are logged like daemon-answered
+///   ones (CoreDNS `log` format)
+/// - writer: XDP/TC program (only for entries with [`CacheValue::log`] set);
+///   reader: the daemon
+/// - capacity: [`LOG_RING_BYTES`]; when full, events are dropped and counted
+///   in [`STAT_LOG_DROPPED`] (the reply is still sent)
+pub const MAP_LOG: &str = "LDNS_LOG";
+/// Size of [`MAP_LOG`] in bytes (a power-of-two number of pages).
+pub const LOG_RING_BYTES: u32 = 256 * 1024;
+
 /// Global (`.rodata`) with the vnet listener address, IPv4, network byte
 /// order as loaded from the packet (`u32::from_ne_bytes(octets)`).
 pub const GLOBAL_LISTEN_VNET: &str = "LDNS_LISTEN_VNET";
@@ -123,7 +136,9 @@ pub struct CacheValue {
     pub ttl_odd: u16,
     /// Length of `qname` in bytes; equals the key's `qname_len`.
     pub qname_len: u16,
-    pub _pad: [u8; 2],
+    /// 1: emit a [`LogEvent`] for every hit (zone has `queryLogging: Log`).
+    pub log: u8,
+    pub _pad: u8,
     /// Offsets of TTL fields from the start of `tail`, host byte order.
     pub ttl_off: [u16; MAX_TTLS],
     /// Lower-cased wire qname, zero padded; checked against the query so a
@@ -149,7 +164,8 @@ impl CacheValue {
             ttl_even: 0,
             ttl_odd: 0,
             qname_len: 0,
-            _pad: [0; 2],
+            log: 0,
+            _pad: 0,
             ttl_off: [0; MAX_TTLS],
             qname: [0; MAX_QNAME + 1],
             tail: [0; MAX_TAIL],
@@ -157,6 +173,40 @@ impl CacheValue {
         }
     }
 }
+
+/// Event of [`MAP_LOG`]: what a CoreDNS `log` line needs about one
+/// kernel-answered query.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LogEvent {
+    /// `bpf_ktime_get_ns` when answered.
+    pub ktime_ns: u64,
+    /// Client IPv4 address, network byte order as loaded
+    /// (`u32::from_ne_bytes(octets)`).
+    pub saddr_ne: u32,
+    /// Client UDP port, host byte order.
+    pub sport: u16,
+    /// Query ID, host byte order.
+    pub id: u16,
+    /// QTYPE, QCLASS, host byte order.
+    pub qtype: u16,
+    pub qclass: u16,
+    /// Sizes of the query and the reply DNS messages in bytes.
+    pub query_len: u16,
+    pub reply_len: u16,
+    /// The client's EDNS UDP size, 0 without EDNS.
+    pub udp_size: u16,
+    /// Reply header flags (with RCODE), host byte order.
+    pub rflags: u16,
+    pub view: u8,
+    /// `KEY_F_*` bits of the query.
+    pub kflags: u8,
+    pub qname_len: u8,
+    pub _pad: u8,
+    /// The qname as the client sent it (case preserved), wire format.
+    pub qname: [u8; MAX_QNAME + 1],
+}
+const _: () = assert!(core::mem::size_of::<LogEvent>() == 288);
 
 /// Value of [`MAP_SCRATCH`]: 8 spare bytes past the longest qname so the
 /// program can treat it as whole 64-bit words.
@@ -190,8 +240,10 @@ pub const STAT_PASS_COLLISION: u32 = 8;
 pub const STAT_PASS_SIZE: u32 = 9;
 /// A helper failed (resize, store); packet passed untouched or as before.
 pub const STAT_PASS_ERROR: u32 = 10;
+/// Query-log event lost because the ring buffer was full (reply still sent).
+pub const STAT_LOG_DROPPED: u32 = 11;
 /// Number of counters.
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_COUNT: u32 = 12;
 
 /// Counter names, indexed by `STAT_*`, for `cache stats` and metrics.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -206,6 +258,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_collision",
     "pass_size",
     "pass_error",
+    "log_dropped",
 ];
 
 const HASH_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -261,6 +314,7 @@ mod pod {
     // holes (explicit `_pad` fields).
     unsafe impl aya::Pod for super::CacheKey {}
     unsafe impl aya::Pod for super::CacheValue {}
+    unsafe impl aya::Pod for super::LogEvent {}
 }
 
 #[cfg(test)]

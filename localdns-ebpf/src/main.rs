@@ -11,17 +11,17 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, xdp_action},
-    btf_maps::{LruHashMap, PerCpuArray},
+    btf_maps::{LruHashMap, PerCpuArray, RingBuf},
     helpers::generated as h,
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use localdns_common::{
-    CACHE_MAP_ENTRIES, CacheKey, CacheValue, KEY_F_CD, KEY_F_DO, KEY_F_EDNS, MAX_QNAME, MAX_TAIL,
-    MAX_TTLS, PLAIN_UDP_MAX, STAT_COUNT, STAT_EXPIRED, STAT_HIT, STAT_MISS, STAT_NOT_DNS,
-    STAT_PASS_COLLISION, STAT_PASS_EDNS, STAT_PASS_ERROR, STAT_PASS_HEADER, STAT_PASS_IP,
-    STAT_PASS_QNAME, STAT_PASS_SIZE, Scratch, VIEW_KUBE, VIEW_VNET, csum_fold, lower8,
-    qname_hash_step,
+    CACHE_MAP_ENTRIES, CacheKey, CacheValue, KEY_F_CD, KEY_F_DO, KEY_F_EDNS, LOG_RING_BYTES,
+    LogEvent, MAX_QNAME, MAX_TAIL, MAX_TTLS, PLAIN_UDP_MAX, STAT_COUNT, STAT_EXPIRED, STAT_HIT,
+    STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_COLLISION, STAT_PASS_EDNS,
+    STAT_PASS_ERROR, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, STAT_PASS_SIZE, Scratch,
+    VIEW_KUBE, VIEW_VNET, csum_fold, lower8, qname_hash_step,
 };
 
 // Map contracts (purpose, key, value, writer, reader, capacity, eviction) are
@@ -33,6 +33,8 @@ static LDNS_CACHE: LruHashMap<CacheKey, CacheValue, { CACHE_MAP_ENTRIES as usize
 static LDNS_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static LDNS_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+#[btf_map]
+static LDNS_LOG: RingBuf<LogEvent, { LOG_RING_BYTES as usize }> = RingBuf::new();
 
 // Set by the loader (EbpfLoader::set_global); see GLOBAL_* in localdns-common.
 #[unsafe(no_mangle)]
@@ -265,6 +267,7 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
     // --- optional OPT record ending exactly at the end of the datagram ---
     let mut kflags = if qflags & F_CD != 0 { KEY_F_CD } else { 0 };
     let mut client_max = PLAIN_UDP_MAX as usize;
+    let mut udp_size_raw = 0usize;
     if arcount == 1 {
         let opt = ptr_at(p, qend, 11, STAT_PASS_EDNS)?;
         let rdlen = be16(unsafe { opt.add(9) }) as usize;
@@ -277,6 +280,7 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
             return Err(STAT_PASS_EDNS);
         }
         let udp_size = be16(unsafe { opt.add(3) }) as usize;
+        udp_size_raw = udp_size;
         if udp_size > client_max {
             client_max = udp_size;
         }
@@ -385,8 +389,9 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
         + ld16(unsafe { ip.add(16) }) as u64
         + ld16(unsafe { ip.add(18) }) as u64;
     let port_sum = ld16(udp) as u64 + ld16(unsafe { udp.add(2) }) as u64;
+    let id_n = ld16(hdr);
     let sum = v.csum_partial as u64
-        + ld16(hdr) as u64 // query ID
+        + id_n as u64 // query ID
         + rflags as u64
         + q_sum
         + qt_sum
@@ -443,7 +448,76 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
         let t = ptr_at(p, off, 4, STAT_PASS_ERROR)?;
         unsafe { (t as *mut u32).write_unaligned(ttl_be) };
     }
+    if v.log != 0 {
+        // The question is still in place, as the client sent it.
+        log_hit(
+            p,
+            now,
+            &addrs,
+            ports[0],
+            id_n,
+            [qtype, qclass, (udp_len - 8) as u16, dns_len as u16],
+            if kflags & KEY_F_EDNS != 0 {
+                udp_size_raw as u16
+            } else {
+                0
+            },
+            u16::from_be(rflags),
+            [view, kflags],
+            qlen,
+        );
+    }
     Ok(())
+}
+
+/// Emits a query-log event straight into the ring buffer (no stack copy);
+/// the qname is copied from the packet.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat scalars keep the BPF stack small"
+)]
+fn log_hit<P: Packet>(
+    p: &P,
+    now: u64,
+    addrs: &[u8; 8],
+    sport_be: u16,
+    id_be: u16,
+    // QTYPE, QCLASS, query length, reply length
+    q: [u16; 4],
+    udp_size: u16,
+    rflags: u16,
+    view_flags: [u8; 2],
+    qlen: usize,
+) {
+    let Some(mut slot) = LDNS_LOG.reserve(0) else {
+        count(STAT_LOG_DROPPED);
+        return;
+    };
+    let ev = slot.as_mut_ptr();
+    unsafe {
+        (*ev).ktime_ns = now;
+        (*ev).saddr_ne = u32::from_ne_bytes([addrs[0], addrs[1], addrs[2], addrs[3]]);
+        (*ev).sport = u16::from_be(sport_be);
+        (*ev).id = u16::from_be(id_be);
+        (*ev).qtype = q[0];
+        (*ev).qclass = q[1];
+        (*ev).query_len = q[2];
+        (*ev).reply_len = q[3];
+        (*ev).udp_size = udp_size;
+        (*ev).rflags = rflags;
+        (*ev).view = view_flags[0];
+        (*ev).kflags = view_flags[1];
+        (*ev).qname_len = qlen as u8;
+        (*ev)._pad = 0;
+        let qn = (*ev).qname.as_mut_ptr();
+        if !(1..=MAX_QNAME).contains(&qlen) || p.load(Q_OFF as u32, qn, qlen as u32).is_err() {
+            slot.discard(0);
+            count(STAT_LOG_DROPPED);
+            return;
+        }
+    }
+    slot.submit(0);
 }
 
 #[xdp]

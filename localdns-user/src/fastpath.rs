@@ -7,12 +7,12 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
-    CacheKey, CacheValue, GLOBAL_HASH_SEED, GLOBAL_LISTEN_KUBE, GLOBAL_LISTEN_VNET, MAP_CACHE,
-    MAP_STATS, STAT_COUNT, STAT_NAMES,
+    CacheKey, CacheValue, GLOBAL_HASH_SEED, GLOBAL_LISTEN_KUBE, GLOBAL_LISTEN_VNET, LogEvent,
+    MAP_CACHE, MAP_LOG, MAP_STATS, STAT_COUNT, STAT_NAMES,
 };
 use thiserror::Error;
 
@@ -174,6 +174,7 @@ pub struct Fastpath {
     _ebpf: Ebpf,
     cache: Mutex<BpfHashMap<MapData, CacheKey, CacheValue>>,
     stats: PerCpuArray<MapData, u64>,
+    log_ring: Mutex<Option<RingBuf<MapData>>>,
     seed: u64,
     pins: Vec<PathBuf>,
     pub attached: Vec<(String, &'static str)>,
@@ -254,6 +255,13 @@ impl Fastpath {
         };
         let cache_map = take(MAP_CACHE)?;
         let stats_map = take(MAP_STATS)?;
+        let log_map = ebpf
+            .take_map(MAP_LOG)
+            .ok_or(FastpathError::Missing(MAP_LOG))?;
+        let log_ring = RingBuf::try_from(log_map).map_err(|source| FastpathError::Map {
+            name: MAP_LOG,
+            source: Box::new(source),
+        })?;
         let cache = BpfHashMap::try_from(cache_map).map_err(|source| FastpathError::Map {
             name: MAP_CACHE,
             source: Box::new(source),
@@ -266,6 +274,7 @@ impl Fastpath {
             _ebpf: ebpf,
             cache: Mutex::new(cache),
             stats,
+            log_ring: Mutex::new(Some(log_ring)),
             seed,
             pins,
             attached,
@@ -276,13 +285,15 @@ impl Fastpath {
         self.seed
     }
 
-    /// Writes (or replaces) the kernel copy of an entry. Entries the kernel
+    /// Writes (or replaces) the kernel copy of an entry; `log` makes the
+    /// kernel report each hit on the query-log ring. Entries the kernel
     /// cannot serve are removed instead, so it never serves an old version.
-    pub fn put(&self, key: &Key, entry: &Entry) {
+    pub fn put(&self, key: &Key, entry: &Entry, log: bool) {
         let bkey = key.bpf(self.seed);
         let mut map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match entry.to_bpf(key) {
-            Ok(v) => {
+            Ok(mut v) => {
+                v.log = u8::from(log);
                 if let Err(e) = map.insert(bkey, v, 0) {
                     tracing::warn!(error = %e, "writing the kernel cache failed");
                 }
@@ -304,6 +315,46 @@ impl Fastpath {
 
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         read_stats(&self.stats)
+    }
+
+    /// Reads the query-log ring until the task is aborted, handing each
+    /// event to `sink`. Only the first call gets the ring.
+    pub async fn drain_log(&self, sink: impl Fn(&LogEvent)) {
+        let Some(ring) = self
+            .log_ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        // SAFETY: the ring owns its map fd for as long as the AsyncFd owns
+        // the ring, and always reports that same fd.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => {
+                let e = e.into_parts().1;
+                tracing::warn!(error = %e, "query-log ring not readable: kernel-answered queries will not be logged");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<LogEvent>() {
+                    // SAFETY: the program writes exactly one LogEvent per record.
+                    let ev: LogEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    sink(&ev);
+                }
+            }
+            guard.clear_ready();
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use localdns_user::config::{self, Mode};
 use localdns_user::fastpath::{self, AttachMode, Fastpath};
 use localdns_user::listen::{self, ListenerAddrs};
 use localdns_user::metrics::{self, Health};
-use localdns_user::resolver::{Resolver, type_name};
+use localdns_user::resolver::{LogFields, Resolver, Transport, log_line, type_name};
 use localdns_user::wire::name_to_text;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -279,6 +279,12 @@ async fn serve(
             Err(e) => tracing::warn!(addr = %a, error = %e, "metrics/health listener not started"),
         }
     }
+    if let Some(fp) = &fastpath {
+        let fp = fp.clone();
+        tasks.push(tokio::spawn(
+            async move { fp.drain_log(log_kernel_hit).await },
+        ));
+    }
     let sweeper = res.clone();
     tasks.push(tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(1));
@@ -311,6 +317,34 @@ async fn serve(
     drop(fastpath);
     drop(addrs);
     Ok(())
+}
+
+/// A kernel-answered query of a `Log` zone, in CoreDNS's format (duration
+/// 0: the kernel answers within the packet's own processing).
+fn log_kernel_hit(ev: &localdns_common::LogEvent) {
+    let qn = &ev.qname[..(ev.qname_len as usize).min(ev.qname.len())];
+    let f = LogFields {
+        client: SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(ev.saddr_ne.to_ne_bytes())),
+            ev.sport,
+        ),
+        tr: Transport::Udp,
+        id: ev.id,
+        qtype: ev.qtype,
+        qclass: ev.qclass,
+        name: name_to_text(qn),
+        size: ev.query_len as usize,
+        do_bit: ev.kflags & KEY_F_DO != 0,
+        bufsize: if ev.udp_size == 0 {
+            512
+        } else {
+            ev.udp_size.max(512)
+        },
+        rflags: Some(ev.rflags),
+        rsize: ev.reply_len as usize,
+        secs: 0.0,
+    };
+    tracing::info!("{}", log_line(&f));
 }
 
 /// SIGHUP: re-read --config; apply it if valid, else keep the old one.

@@ -251,7 +251,7 @@ impl Resolver {
             Ok(e) => {
                 let e = Arc::new(e);
                 if let Some(fp) = &self.fastpath {
-                    fp.put(&key, &e);
+                    fp.put(&key, &e, s.query_logging == QueryLogging::Log);
                 }
                 for gone in self.cache.insert(key, e.clone()) {
                     if let Some(fp) = &self.fastpath {
@@ -402,8 +402,73 @@ fn rcode_name(r: u8) -> &'static str {
     .unwrap_or("RCODE")
 }
 
+/// What one CoreDNS `log` line says about a query.
+pub struct LogFields {
+    pub client: SocketAddr,
+    pub tr: Transport,
+    pub id: u16,
+    pub qtype: u16,
+    pub qclass: u16,
+    /// Presentation form of the qname as the client sent it.
+    pub name: String,
+    pub size: usize,
+    pub do_bit: bool,
+    pub bufsize: u16,
+    /// Reply header flags (with RCODE), if there was a reply.
+    pub rflags: Option<u16>,
+    pub rsize: usize,
+    pub secs: f64,
+}
+
 /// One line in CoreDNS's `log` plugin default format:
 /// `{remote}:{port} - {id} "{type} {class} {name} {proto} {size} {do} {bufsize}" {rcode} {rflags} {rsize} {duration}`
+pub fn log_line(f: &LogFields) -> String {
+    let proto = if f.tr == Transport::Udp { "udp" } else { "tcp" };
+    let class = if f.qclass == 1 {
+        "IN".to_string()
+    } else {
+        format!("CLASS{}", f.qclass)
+    };
+    let (rcode, rflags) = match f.rflags {
+        Some(fl) => {
+            let names = [
+                (0x8000, "qr"),
+                (0x0400, "aa"),
+                (0x0200, "tc"),
+                (0x0100, "rd"),
+                (0x0080, "ra"),
+                (0x0020, "ad"),
+                (0x0010, "cd"),
+            ];
+            let set: Vec<&str> = names
+                .iter()
+                .filter(|(b, _)| fl & b != 0)
+                .map(|(_, n)| *n)
+                .collect();
+            (rcode_name((fl & 0xf) as u8), set.join(","))
+        }
+        None => ("-", String::new()),
+    };
+    format!(
+        "[INFO] {}:{} - {} \"{} {} {} {} {} {} {}\" {} {} {} {:.9}s",
+        f.client.ip(),
+        f.client.port(),
+        f.id,
+        type_name(f.qtype),
+        class,
+        f.name,
+        proto,
+        f.size,
+        f.do_bit,
+        f.bufsize,
+        rcode,
+        rflags,
+        f.rsize,
+        f.secs
+    )
+}
+
+/// Logs a daemon-answered query (queryLogging `Log`).
 pub fn log_query(
     client: SocketAddr,
     tr: Transport,
@@ -412,52 +477,24 @@ pub fn log_query(
     reply: &[u8],
     secs: f64,
 ) {
-    let proto = if tr == Transport::Udp { "udp" } else { "tcp" };
-    let class = if q.qclass == 1 {
-        "IN".to_string()
-    } else {
-        format!("CLASS{}", q.qclass)
-    };
-    let (rcode, rflags) = if reply.len() >= HEADER_LEN {
-        let f = wire::be16(reply, 2);
-        let mut fl = Vec::new();
-        for (bit, n) in [
-            (0x8000, "qr"),
-            (0x0400, "aa"),
-            (0x0200, "tc"),
-            (0x0100, "rd"),
-            (0x0080, "ra"),
-            (0x0020, "ad"),
-            (0x0010, "cd"),
-        ] {
-            if f & bit != 0 {
-                fl.push(n);
-            }
-        }
-        (rcode_name((f & 0xf) as u8), fl.join(","))
-    } else {
-        ("-", String::new())
-    };
     let (do_bit, bufsize) = q
         .edns
         .map_or((false, 512), |e| (e.do_bit, e.udp_size.max(512)));
-    tracing::info!(
-        "[INFO] {}:{} - {} \"{} {} {} {} {} {} {}\" {} {} {} {:.9}s",
-        client.ip(),
-        client.port(),
-        q.id,
-        type_name(q.qtype),
-        class,
-        q.name_text(),
-        proto,
-        raw.len(),
+    let f = LogFields {
+        client,
+        tr,
+        id: q.id,
+        qtype: q.qtype,
+        qclass: q.qclass,
+        name: q.name_text(),
+        size: raw.len(),
         do_bit,
         bufsize,
-        rcode,
-        rflags,
-        reply.len(),
-        secs
-    );
+        rflags: (reply.len() >= HEADER_LEN).then(|| wire::be16(reply, 2)),
+        rsize: reply.len(),
+        secs,
+    };
+    tracing::info!("{}", log_line(&f));
 }
 
 pub const VIEWS: [(u8, &str); 2] = [(VIEW_VNET, "vnet"), (VIEW_KUBE, "kube")];

@@ -552,6 +552,56 @@ fn tc_table() {
 }
 
 #[test]
+fn logged_entries_emit_an_event_per_hit() {
+    let mut rig = Rig::new();
+    let mut ring =
+        aya::maps::RingBuf::try_from(rig.ebpf.take_map(localdns_common::MAP_LOG).unwrap()).unwrap();
+    let edns = QEdns {
+        udp_size: 1232,
+        do_bit: true,
+        options: cookie(),
+    };
+    let q = dns_query(0xbeef, "Www.Example.Test", 1, 0x0100, Some(&edns));
+    let pq = parse_query(&q).unwrap();
+    let key = Key::of(localdns_common::VIEW_KUBE, &pq);
+    let e = Entry::from_upstream(&pq, &resp_a(&q), 3600, 0, mono_ns()).unwrap();
+    let mut v = e.to_bpf(&key).unwrap();
+    // Not logged: no event.
+    rig.cache.insert(key.bpf(SEED), v, 0).unwrap();
+    let frame = udp_to(KUBE, 53).build(&q);
+    assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
+    assert!(ring.next().is_none());
+    // Logged: one event with the query as sent.
+    v.log = 1;
+    rig.cache.insert(key.bpf(SEED), v, 0).unwrap();
+    let (rc, out) = rig.run("xdp", &frame);
+    assert_eq!(rc, XDP_TX);
+    let item = ring.next().expect("an event");
+    assert_eq!(item.len(), std::mem::size_of::<localdns_common::LogEvent>());
+    // SAFETY: the program writes exactly one LogEvent per record.
+    let ev: localdns_common::LogEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+    assert_eq!(ev.saddr_ne, u32::from_ne_bytes(CLIENT.octets()));
+    assert_eq!(
+        (ev.sport, ev.id, ev.qtype, ev.qclass),
+        (40000, 0xbeef, 1, 1)
+    );
+    assert_eq!(
+        (ev.view, ev.udp_size, ev.query_len as usize),
+        (localdns_common::VIEW_KUBE, 1232, q.len())
+    );
+    assert_eq!(ev.reply_len as usize, out.len() - 42);
+    assert_eq!(ev.rflags, 0x8180, "QR RD RA, NOERROR");
+    assert_eq!(
+        &ev.qname[..ev.qname_len as usize],
+        &q[12..12 + ev.qname_len as usize]
+    );
+    assert_eq!(
+        ev.kflags,
+        localdns_common::KEY_F_EDNS | localdns_common::KEY_F_DO
+    );
+}
+
+#[test]
 fn collision_on_hash_passes() {
     let mut rig = Rig::new();
     let q = dns_query(1, "www.example.test", 1, 0x0100, None);
