@@ -349,18 +349,33 @@ fn query_log_covers_kernel_answered_queries() {
     let sample = include_str!("../../localdns-user/default-localdnsconfig.json");
     // Log every query of the kube view's cluster.local (the last block).
     let i = sample.rfind("\"queryLogging\": \"Error\"").unwrap();
-    let text = format!("{}\"queryLogging\": \"Log\"{}", &sample[..i], &sample[i + 23..]);
+    let text = format!(
+        "{}\"queryLogging\": \"Log\"{}",
+        &sample[..i],
+        &sample[i + 23..]
+    );
     std::fs::write(&cfg, text).unwrap();
     t.start_daemon(&["--iface", "vpod0", "--config", cfg.to_str().unwrap()]);
     let name = "kubernetes.default.svc.cluster.local";
     answers(&t, KUBE, name, "A");
     let h0 = t.kernel_stat("hit");
     answers(&t, KUBE, name, "A");
-    assert_eq!(t.kernel_stat("hit"), h0 + 1, "second query not kernel-answered");
+    assert_eq!(
+        t.kernel_stat("hit"),
+        h0 + 1,
+        "second query not kernel-answered"
+    );
     // Other zones stay quiet.
     answers(&t, VNET, "www.example.test", "A");
-    let lines = || -> Vec<String> { t.daemon_log().lines().filter(|l| l.contains("[INFO] 169.254.100.2:")).map(String::from).collect() };
-    let got = wait_for(Duration::from_secs(3), || (lines().len() >= 2).then(lines)).unwrap_or_else(|| panic!("{}", t.daemon_log()));
+    let lines = || -> Vec<String> {
+        t.daemon_log()
+            .lines()
+            .filter(|l| l.contains("[INFO] 169.254.100.2:"))
+            .map(String::from)
+            .collect()
+    };
+    let got = wait_for(Duration::from_secs(3), || (lines().len() >= 2).then(lines))
+        .unwrap_or_else(|| panic!("{}", t.daemon_log()));
     assert_eq!(got.len(), 2, "{got:?}");
     for l in &got {
         // CoreDNS log default: {remote}:{port} - {id} "{type} {class} {name} {proto} {size} {do} {bufsize}" {rcode} {rflags} {rsize} {duration}
@@ -368,13 +383,26 @@ fn query_log_covers_kernel_answered_queries() {
         let parts: Vec<&str> = tail.split('"').collect();
         assert_eq!(parts.len(), 3, "{l}");
         let q: Vec<&str> = parts[1].split(' ').collect();
-        assert_eq!(&q[..4], ["A", "IN", "kubernetes.default.svc.cluster.local.", "udp"], "{l}");
+        assert_eq!(
+            &q[..4],
+            ["A", "IN", "kubernetes.default.svc.cluster.local.", "udp"],
+            "{l}"
+        );
         assert_eq!(q[6], "1232", "{l}");
         let r: Vec<&str> = parts[2].trim().split(' ').collect();
         assert_eq!(&r[..2], ["NOERROR", "qr,rd,ra"], "{l}");
         assert!(r[3].ends_with('s'), "{l}");
     }
     // Same reply size either way: the kernel answers what the daemon would.
-    let rsize = |l: &String| l.split('"').nth(2).unwrap().trim().split(' ').nth(2).unwrap().to_string();
+    let rsize = |l: &String| {
+        l.split('"')
+            .nth(2)
+            .unwrap()
+            .trim()
+            .split(' ')
+            .nth(2)
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(rsize(&got[0]), rsize(&got[1]));
 }
