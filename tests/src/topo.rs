@@ -93,13 +93,13 @@ impl Topo {
             &upstream.name,
         ]);
         node.ip(&["addr", "add", "169.254.100.1/30", "dev", "vpod0"]);
-        node.ip(&["addr", "add", "169.254.200.1/30", "dev", "vup0"]);
+        node.ip(&["addr", "add", "169.254.200.1/24", "dev", "vup0"]);
         node.ip(&["link", "set", "vpod0", "up"]);
         node.ip(&["link", "set", "vup0", "up"]);
         pod.ip(&["addr", "add", "169.254.100.2/30", "dev", "eth0"]);
         pod.ip(&["link", "set", "eth0", "up"]);
         pod.ip(&["route", "add", "default", "via", "169.254.100.1"]);
-        upstream.ip(&["addr", "add", "169.254.200.2/30", "dev", "eth0"]);
+        upstream.ip(&["addr", "add", "169.254.200.2/24", "dev", "eth0"]);
         upstream.ip(&["link", "set", "eth0", "up"]);
         upstream.ip(&["route", "add", "default", "via", "169.254.200.1"]);
         let mut t = Topo {
@@ -149,6 +149,12 @@ impl Topo {
         );
     }
 
+    /// Adds another address to the upstream netns (for fake upstreams).
+    pub fn add_upstream_ip(&self, ip: &str) {
+        self.upstream
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    }
+
     pub fn pin_path(&self) -> String {
         format!("/sys/fs/bpf/localdns-{}", self.tag)
     }
@@ -160,17 +166,15 @@ impl Topo {
     /// Starts `localdns-user` in the node netns with `extra` options and
     /// waits until it is ready.
     pub fn start_daemon(&mut self, extra: &[&str]) {
+        let mut args = vec!["--vnet-dns", UPSTREAM_IP, "--cluster-dns", UPSTREAM_IP];
+        args.extend_from_slice(extra);
+        self.start_daemon_raw(&args);
+    }
+
+    /// Like [`Topo::start_daemon`] without the default (NSD) upstreams.
+    pub fn start_daemon_raw(&mut self, extra: &[&str]) {
         let mut cmd = self.node.cmd(daemon_bin().to_str().unwrap());
-        cmd.args([
-            "--vnet-dns",
-            UPSTREAM_IP,
-            "--cluster-dns",
-            UPSTREAM_IP,
-            "--metrics",
-            "none",
-            "--health",
-            "none",
-        ]);
+        cmd.args(["--metrics", "none", "--health", "none"]);
         cmd.args(["--pin-path", &self.pin_path()]);
         cmd.args(extra);
         cmd.env("RUST_LOG", "info");

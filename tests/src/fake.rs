@@ -1,0 +1,241 @@
+//! An in-process upstream DNS server for fault injection: it answers any A
+//! query with a configurable address and TTL (other types: NODATA with an
+//! SOA), over UDP and TCP (pipelined), and can be switched to drop queries,
+//! answer SERVFAIL, or answer late. Its threads enter the upstream netns
+//! with setns(2) (which only moves the calling thread), so the test process
+//! itself stays where it is. Stopped and joined on drop.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use localdns_user::wire::{self, our_opt, parse_query};
+
+use crate::netns::Netns;
+use crate::soa_rdata;
+
+pub const MODE_NORMAL: u8 = 0;
+pub const MODE_DROP: u8 = 1;
+pub const MODE_SERVFAIL: u8 = 2;
+
+/// What the fake does, changeable while it runs.
+pub struct Ctl {
+    pub mode: AtomicU8,
+    pub delay_ms: AtomicU64,
+    pub ttl: AtomicU32,
+    /// IPv4 address in A answers (`u32::from(Ipv4Addr)`).
+    pub answer: AtomicU32,
+    pub udp_queries: AtomicU64,
+    pub tcp_queries: AtomicU64,
+}
+
+impl Ctl {
+    pub fn queries(&self) -> u64 {
+        self.udp_queries.load(Ordering::Relaxed) + self.tcp_queries.load(Ordering::Relaxed)
+    }
+    pub fn set_answer(&self, ip: Ipv4Addr) {
+        self.answer.store(u32::from(ip), Ordering::Relaxed);
+    }
+}
+
+pub struct FakeUpstream {
+    pub addr: Ipv4Addr,
+    pub ctl: Arc<Ctl>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn enter_netns(name: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file");
+    // SAFETY: setns on a valid namespace fd; affects this thread only.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// The fake's reply to `q`, or `None` to stay silent.
+fn reply(ctl: &Ctl, q: &[u8]) -> Option<Vec<u8>> {
+    let pq = parse_query(q).ok()?;
+    let mode = ctl.mode.load(Ordering::Relaxed);
+    if mode == MODE_DROP {
+        return None;
+    }
+    let mut m = Vec::with_capacity(128);
+    m.extend_from_slice(&q[0..2]);
+    let rcode = if mode == MODE_SERVFAIL { 2 } else { 0 };
+    m.extend_from_slice(&(0x8180u16 | rcode).to_be_bytes());
+    let is_a = pq.qtype == 1 && rcode == 0;
+    let has_soa = pq.qtype != 1 && rcode == 0;
+    m.extend_from_slice(&[
+        0,
+        1,
+        0,
+        u8::from(is_a),
+        0,
+        u8::from(has_soa),
+        0,
+        u8::from(pq.edns.is_some()),
+    ]);
+    m.extend_from_slice(&q[12..pq.question_end]);
+    let ttl = ctl.ttl.load(Ordering::Relaxed);
+    if is_a {
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        m.extend_from_slice(&ttl.to_be_bytes());
+        m.extend_from_slice(&[0, 4]);
+        m.extend_from_slice(&ctl.answer.load(Ordering::Relaxed).to_be_bytes());
+    }
+    if has_soa {
+        let rd = soa_rdata(ttl);
+        m.extend_from_slice(&[0xc0, 12, 0, 6, 0, 1]);
+        m.extend_from_slice(&ttl.to_be_bytes());
+        m.extend_from_slice(&(rd.len() as u16).to_be_bytes());
+        m.extend_from_slice(&rd);
+    }
+    if let Some(e) = pq.edns {
+        m.extend_from_slice(&our_opt(e.do_bit, 0));
+    }
+    debug_assert!(wire::walk_response(&m).is_ok());
+    Some(m)
+}
+
+impl FakeUpstream {
+    /// Starts serving on `addr:53` inside `ns` (the address must exist there).
+    pub fn start(ns: &Netns, addr: Ipv4Addr) -> FakeUpstream {
+        let ctl = Arc::new(Ctl {
+            mode: AtomicU8::new(MODE_NORMAL),
+            delay_ms: AtomicU64::new(0),
+            ttl: AtomicU32::new(300),
+            answer: AtomicU32::new(u32::from(Ipv4Addr::new(10, 1, 1, 1))),
+            udp_queries: AtomicU64::new(0),
+            tcp_queries: AtomicU64::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        let sa = SocketAddr::from((addr, 53));
+        {
+            let (ns, ctl, stop, ready) =
+                (ns.name.clone(), ctl.clone(), stop.clone(), ready_tx.clone());
+            threads.push(std::thread::spawn(move || {
+                enter_netns(&ns);
+                let sock = Arc::new(UdpSocket::bind(sa).expect("fake udp bind"));
+                sock.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                ready.send(()).unwrap();
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    ctl.udp_queries.fetch_add(1, Ordering::Relaxed);
+                    let Some(r) = reply(&ctl, &buf[..n]) else {
+                        continue;
+                    };
+                    let delay = ctl.delay_ms.load(Ordering::Relaxed);
+                    if delay == 0 {
+                        let _ = sock.send_to(&r, peer);
+                    } else {
+                        let sock = sock.clone();
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(delay));
+                            let _ = sock.send_to(&r, peer);
+                        });
+                    }
+                }
+            }));
+        }
+        {
+            let (ns, ctl, stop, ready) = (ns.name.clone(), ctl.clone(), stop.clone(), ready_tx);
+            threads.push(std::thread::spawn(move || {
+                enter_netns(&ns);
+                let l = TcpListener::bind(sa).expect("fake tcp bind");
+                l.set_nonblocking(true).unwrap();
+                ready.send(()).unwrap();
+                let mut conns = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let (ctl, stop) = (ctl.clone(), stop.clone());
+                            conns.push(std::thread::spawn(move || tcp_conn(s, &ctl, &stop)));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+                for c in conns {
+                    let _ = c.join();
+                }
+            }));
+        }
+        for _ in 0..2 {
+            ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("fake upstream did not start");
+        }
+        FakeUpstream {
+            addr,
+            ctl,
+            stop,
+            threads,
+        }
+    }
+}
+
+fn tcp_conn(s: TcpStream, ctl: &Ctl, stop: &AtomicBool) {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let w = Arc::new(Mutex::new(s.try_clone().unwrap()));
+    let mut r = s;
+    let mut len = [0u8; 2];
+    while !stop.load(Ordering::Relaxed) {
+        match r.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => return,
+        }
+        let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+        r.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        if r.read_exact(&mut msg).is_err() {
+            return;
+        }
+        r.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        ctl.tcp_queries.fetch_add(1, Ordering::Relaxed);
+        let Some(resp) = reply(ctl, &msg) else {
+            continue;
+        };
+        let mut frame = (resp.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(&resp);
+        let delay = ctl.delay_ms.load(Ordering::Relaxed);
+        let w = w.clone();
+        let send = move || {
+            let _ = w.lock().unwrap().write_all(&frame);
+        };
+        if delay == 0 {
+            send();
+        } else {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay));
+                send();
+            });
+        }
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
