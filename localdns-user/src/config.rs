@@ -588,6 +588,61 @@ mod tests {
     }
 
     #[test]
+    fn integer_ranges() {
+        let cases = [
+            ("maxConcurrent", "0", false),
+            ("maxConcurrent", "1", true),
+            ("maxConcurrent", "100000", true),
+            ("maxConcurrent", "100001", false),
+            ("maxConcurrent", "-5", false),
+            ("maxConcurrent", "1.5", false),
+            ("maxConcurrent", "\"10\"", false),
+            ("cacheDurationInSeconds", "0", false),
+            ("cacheDurationInSeconds", "604800", true),
+            ("cacheDurationInSeconds", "604801", false),
+            ("serveStaleDurationInSeconds", "0", true),
+            ("serveStaleDurationInSeconds", "-1", false),
+            ("serveStaleDurationInSeconds", "99999999999", false),
+        ];
+        for (field, value, ok) in cases {
+            let text = format!(
+                r#"{{"localDNSProfile":{{"mode":"Required","kubeDNSOverrides":{{"a.com":{{"{field}":{value}}}}}}}}}"#
+            );
+            match parse(&text) {
+                Ok(_) => assert!(ok, "{field}={value} accepted"),
+                Err(ConfigError::Invalid { problems }) => {
+                    assert!(!ok, "{field}={value} rejected: {problems:?}");
+                    assert_eq!(problems.len(), 1);
+                    assert!(
+                        problems[0].path.ends_with(field)
+                            && problems[0].rule.contains("integer from"),
+                        "{problems:?}"
+                    );
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn preferred_mode_replaces_invalid_values_with_defaults() {
+        let text = r#"{"localDNSProfile":{"mode":"Preferred","vnetDNSOverrides":{".":{"maxConcurrent":-3,"protocol":"QUIC","forwardDestination":"ClusterCoreDNS","cacheDurationInSeconds":60}}}}"#;
+        let l = parse(text).unwrap();
+        assert_eq!(l.warnings.len(), 3, "{:?}", l.warnings);
+        let root = l.config.vnet.iter().find(|z| z.name == [0]).unwrap();
+        assert_eq!(root.settings.max_concurrent, 1000);
+        assert_eq!(root.settings.protocol, Protocol::PreferUdp);
+        assert_eq!(root.settings.destination, Destination::VnetDns);
+        assert_eq!(root.settings.cache_secs, 60, "valid settings are kept");
+    }
+
+    #[test]
+    fn disabled_mode_parses() {
+        let l = parse(r#"{"localDNSProfile":{"mode":"disabled"}}"#).unwrap();
+        assert_eq!(l.config.mode, Mode::Disabled);
+    }
+
+    #[test]
     fn duplicate_zone_and_bad_json() {
         let text = r#"{"localDNSProfile":{"mode":"Required","kubeDNSOverrides":{"a.com":{},"A.COM.":{}}}}"#;
         assert!(matches!(parse(text), Err(ConfigError::Invalid { .. })));

@@ -21,6 +21,8 @@ use crate::soa_rdata;
 pub const MODE_NORMAL: u8 = 0;
 pub const MODE_DROP: u8 = 1;
 pub const MODE_SERVFAIL: u8 = 2;
+/// UDP replies are empty with TC=1 (the answer only fits TCP); TCP is normal.
+pub const MODE_TRUNCATE_UDP: u8 = 3;
 
 /// What the fake does, changeable while it runs.
 pub struct Ctl {
@@ -57,11 +59,17 @@ fn enter_netns(name: &str) {
 }
 
 /// The fake's reply to `q`, or `None` to stay silent.
-fn reply(ctl: &Ctl, q: &[u8]) -> Option<Vec<u8>> {
+fn reply(ctl: &Ctl, q: &[u8], udp: bool) -> Option<Vec<u8>> {
     let pq = parse_query(q).ok()?;
     let mode = ctl.mode.load(Ordering::Relaxed);
     if mode == MODE_DROP {
         return None;
+    }
+    if mode == MODE_TRUNCATE_UDP && udp {
+        let mut m = q[..pq.question_end].to_vec();
+        m[2..4].copy_from_slice(&0x8380u16.to_be_bytes()); // QR TC RD RA
+        m[6..12].fill(0);
+        return Some(m);
     }
     let mut m = Vec::with_capacity(128);
     m.extend_from_slice(&q[0..2]);
@@ -131,7 +139,7 @@ impl FakeUpstream {
                         continue;
                     };
                     ctl.udp_queries.fetch_add(1, Ordering::Relaxed);
-                    let Some(r) = reply(&ctl, &buf[..n]) else {
+                    let Some(r) = reply(&ctl, &buf[..n], true) else {
                         continue;
                     };
                     let delay = ctl.delay_ms.load(Ordering::Relaxed);
@@ -210,7 +218,7 @@ fn tcp_conn(s: TcpStream, ctl: &Ctl, stop: &AtomicBool) {
         r.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         ctl.tcp_queries.fetch_add(1, Ordering::Relaxed);
-        let Some(resp) = reply(ctl, &msg) else {
+        let Some(resp) = reply(ctl, &msg, false) else {
             continue;
         };
         let mut frame = (resp.len() as u16).to_be_bytes().to_vec();

@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use localdns_tests::fake::{FakeUpstream, MODE_DROP, MODE_NORMAL};
+use localdns_tests::fake::{
+    FakeUpstream, MODE_DROP, MODE_NORMAL, MODE_SERVFAIL, MODE_TRUNCATE_UDP,
+};
 use localdns_tests::netns::wait_for;
 use localdns_tests::topo::{Topo, VNET};
 
@@ -359,4 +361,81 @@ fn sighup_under_load_answers_every_query() {
     assert_eq!(log.matches("reload failed").count(), 1, "{log}");
     assert!(!out.contains("SERVFAIL"), "{out}");
     println!("{}", line("Queries completed:"));
+}
+
+#[test]
+fn prefer_udp_retries_truncated_answers_over_tcp() {
+    let (t, fakes) = setup(1, &config(&[("tc.test", r#""protocol": "PreferUDP""#)]));
+    fakes[0]
+        .ctl
+        .mode
+        .store(MODE_TRUNCATE_UDP, Ordering::Relaxed);
+    let (st, a, _) = query(&t, "big.tc.test");
+    assert_eq!(
+        (st.as_str(), a.unwrap().1.as_str()),
+        ("NOERROR", "10.1.1.1")
+    );
+    assert_eq!(fakes[0].ctl.udp_queries.load(Ordering::Relaxed), 1);
+    assert_eq!(fakes[0].ctl.tcp_queries.load(Ordering::Relaxed), 1);
+    // ForceTCP never tries UDP.
+    let (t2, fakes2) = setup(
+        1,
+        &config(&[(
+            "tcp.test",
+            r#""protocol": "ForceTCP", "serveStale": "Immediate""#,
+        )]),
+    );
+    assert_eq!(query(&t2, "x.tcp.test").0, "NOERROR");
+    assert_eq!(fakes2[0].ctl.udp_queries.load(Ordering::Relaxed), 0);
+    assert_eq!(fakes2[0].ctl.tcp_queries.load(Ordering::Relaxed), 1);
+    drop(t);
+}
+
+#[test]
+fn servfail_is_never_cached() {
+    let (t, fakes) = setup(1, &config(&[("sf.test", r#""serveStale": "Disable""#)]));
+    fakes[0].ctl.mode.store(MODE_SERVFAIL, Ordering::Relaxed);
+    assert_eq!(query(&t, "a.sf.test").0, "SERVFAIL");
+    fakes[0].ctl.mode.store(MODE_NORMAL, Ordering::Relaxed);
+    let (st, a, _) = query(&t, "a.sf.test");
+    assert_eq!(
+        (st.as_str(), a.unwrap().1.as_str()),
+        ("NOERROR", "10.1.1.1")
+    );
+    assert_eq!(
+        fakes[0].ctl.queries(),
+        2,
+        "the second query must go upstream again"
+    );
+}
+
+#[test]
+fn disabled_mode_cleans_up_after_a_killed_run() {
+    let (mut t, _fakes) = setup(1, &config(&[]));
+    assert_eq!(query(&t, "a.example.test").0, "NOERROR");
+    // An OOM kill: no cleanup ran.
+    let mut d = t.daemon.take().unwrap();
+    d.signal(libc::SIGKILL);
+    let _ = d.child.wait();
+    let addrs = t.node.sh_ok("ip", &["-o", "addr", "show"]);
+    assert!(addrs.contains("169.254.10.10/32"), "{addrs}");
+    // The fast path goes with the process (bpf links die with their fd).
+    let link = t.node.sh_ok("ip", &["link", "show", "vpod0"]);
+    assert!(!link.contains("xdp"), "{link}");
+    // mode Disabled removes what is left and exits 0.
+    let path = t.dir.path.join("disabled.json");
+    std::fs::write(&path, r#"{"localDNSProfile": {"mode": "Disabled"}}"#).unwrap();
+    let out = t.node.output(
+        localdns_tests::topo::daemon_bin().to_str().unwrap(),
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--pin-path",
+            &t.pin_path(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let addrs = t.node.sh_ok("ip", &["-o", "addr", "show"]);
+    assert!(!addrs.contains("169.254.10.1"), "{addrs}");
+    assert_eq!(query(&t, "a.example.test").0, "TIMEOUT");
 }
