@@ -534,6 +534,56 @@ pub fn localdns_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Benchmark ceiling only (never attached by the daemon): turns every UDP/53
+/// query to a listener address straight around as a "reply" (QR set), so
+/// the harness can measure what the machine delivers with zero DNS work.
+#[xdp]
+pub fn localdns_null(ctx: XdpContext) -> u32 {
+    match try_null(&Xdp(&ctx)) {
+        Ok(()) => xdp_action::XDP_TX,
+        Err(_) => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn try_null<P: Packet>(p: &P) -> Result<(), u32> {
+    let f = ptr_at(p, 0, Q_OFF, STAT_NOT_DNS)?;
+    unsafe {
+        if ld16(f.add(12)) != 0x0800u16.to_be() || *f.add(IP_OFF) != 0x45 || *f.add(IP_OFF + 9) != 17 {
+            return Err(STAT_NOT_DNS);
+        }
+        let daddr = (f.add(IP_OFF + 16) as *const u32).read_unaligned();
+        if daddr != core::ptr::read_volatile(&LDNS_LISTEN_VNET) && daddr != core::ptr::read_volatile(&LDNS_LISTEN_KUBE) {
+            return Err(STAT_NOT_DNS);
+        }
+        if be16(f.add(UDP_OFF + 2)) != 53 || *f.add(DNS_OFF + 2) & 0x80 != 0 {
+            return Err(STAT_NOT_DNS);
+        }
+        let mut tmp = [0u8; 6];
+        core::ptr::copy_nonoverlapping(f, tmp.as_mut_ptr(), 6);
+        core::ptr::copy_nonoverlapping(f.add(6), f, 6);
+        core::ptr::copy_nonoverlapping(tmp.as_ptr(), f.add(6), 6);
+        let mut a = [0u8; 4];
+        core::ptr::copy_nonoverlapping(f.add(IP_OFF + 12), a.as_mut_ptr(), 4);
+        core::ptr::copy_nonoverlapping(f.add(IP_OFF + 16), f.add(IP_OFF + 12), 4);
+        core::ptr::copy_nonoverlapping(a.as_ptr(), f.add(IP_OFF + 16), 4);
+        let sp = ld16(f.add(UDP_OFF));
+        (f.add(UDP_OFF) as *mut u16).write_unaligned(ld16(f.add(UDP_OFF + 2)));
+        (f.add(UDP_OFF + 2) as *mut u16).write_unaligned(sp);
+        // Set QR; patch the UDP checksum incrementally (RFC 1624). Address
+        // and port swaps leave the sum unchanged.
+        let old = ld16(f.add(DNS_OFF + 2));
+        let new = old | 0x8000u16.to_be();
+        (f.add(DNS_OFF + 2) as *mut u16).write_unaligned(new);
+        let c = ld16(f.add(UDP_OFF + 6));
+        if c != 0 {
+            let sum = (!c) as u64 + (!old) as u64 + new as u64;
+            (f.add(UDP_OFF + 6) as *mut u16).write_unaligned(!csum_fold(sum));
+        }
+    }
+    Ok(())
+}
+
 #[classifier]
 pub fn localdns_tc(ctx: TcContext) -> i32 {
     let p = Tc(&ctx);
