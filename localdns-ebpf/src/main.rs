@@ -549,11 +549,16 @@ pub fn localdns_null(ctx: XdpContext) -> u32 {
 fn try_null<P: Packet>(p: &P) -> Result<(), u32> {
     let f = ptr_at(p, 0, Q_OFF, STAT_NOT_DNS)?;
     unsafe {
-        if ld16(f.add(12)) != 0x0800u16.to_be() || *f.add(IP_OFF) != 0x45 || *f.add(IP_OFF + 9) != 17 {
+        if ld16(f.add(12)) != 0x0800u16.to_be()
+            || *f.add(IP_OFF) != 0x45
+            || *f.add(IP_OFF + 9) != 17
+        {
             return Err(STAT_NOT_DNS);
         }
         let daddr = (f.add(IP_OFF + 16) as *const u32).read_unaligned();
-        if daddr != core::ptr::read_volatile(&LDNS_LISTEN_VNET) && daddr != core::ptr::read_volatile(&LDNS_LISTEN_KUBE) {
+        if daddr != core::ptr::read_volatile(&LDNS_LISTEN_VNET)
+            && daddr != core::ptr::read_volatile(&LDNS_LISTEN_KUBE)
+        {
             return Err(STAT_NOT_DNS);
         }
         if be16(f.add(UDP_OFF + 2)) != 53 || *f.add(DNS_OFF + 2) & 0x80 != 0 {

@@ -606,23 +606,43 @@ fn logged_entries_emit_an_event_per_hit() {
 #[test]
 fn null_responder_turns_queries_around() {
     let mut ebpf = fastpath::open(VNET, KUBE, SEED, 16).unwrap();
-    let p: &mut Xdp = ebpf.program_mut("localdns_null").unwrap().try_into().unwrap();
+    let p: &mut Xdp = ebpf
+        .program_mut("localdns_null")
+        .unwrap()
+        .try_into()
+        .unwrap();
     p.load().unwrap();
     let q = dns_query(0x4242, "www.example.test", 1, 0x0100, None);
     let frame = udp_to(VNET, 53).build(&q);
     let mut out = vec![0u8; 512];
-    let r = p.test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() }).unwrap();
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap();
     out.truncate(r.data_size_out as usize);
     assert_eq!(r.return_value, XDP_TX);
     let mut reply_dns = q.clone();
     reply_dns[2] |= 0x80;
     let want = FrameSpec::udp(VNET, CLIENT, 53, 40000).build(&reply_dns);
     assert_eq!(&out[..12], &[&frame[6..12], &frame[0..6]].concat()[..]);
-    assert_eq!(&out[14..], &want[14..], "IP/UDP/DNS of the turned-around packet");
+    assert_eq!(
+        &out[14..],
+        &want[14..],
+        "IP/UDP/DNS of the turned-around packet"
+    );
     // Not a query to us: passed.
     let other = udp_to(CLIENT, 53).build(&q);
     let mut out = vec![0u8; 512];
-    let r = p.test_run(TestRunOptions { data_in: Some(&other), data_out: Some(&mut out), ..Default::default() }).unwrap();
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(&other),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(r.return_value, XDP_PASS);
 }
 

@@ -12,6 +12,15 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.10.3";
+/// The peers `cargo xtask bench` compares against, from Debian.
+const BENCH_PACKAGES: &[&str] = &[
+    "unbound",
+    "dnsdist",
+    "knot-resolver",
+    "dnsmasq-base",
+    "knot-dnsutils",
+    "dnsperf",
+];
 /// Debian packages: the daemon needs iproute2; the tests need real DNS
 /// clients and servers, nftables, bpftool and nsenter.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -52,6 +61,15 @@ enum Cmd {
     },
     /// fmt check and clippy -D warnings on both userspace and eBPF crates.
     Lint,
+    /// Side-by-side benchmark against Unbound, dnsdist, Knot Resolver and
+    /// dnsmasq (as root); writes docs/bench/ and the README table.
+    Bench {
+        /// Smoke run (< 3 min), written under target/bench-quick/.
+        #[arg(long)]
+        quick: bool,
+        /// Only this contender (plus the null responder), e.g. `unbound`.
+        only: Option<String>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -75,6 +93,10 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 fn prereqs() -> Result<()> {
+    prereqs_with(DEBIAN_PACKAGES)
+}
+
+fn prereqs_with(packages: &[&str]) -> Result<()> {
     let has_src = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
@@ -103,7 +125,7 @@ fn prereqs() -> Result<()> {
             "--force",
         ]))?;
     }
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
@@ -181,6 +203,17 @@ fn main() -> Result<()> {
         Cmd::Lint => {
             prereqs()?;
             lint()
+        }
+        Cmd::Bench { quick, only } => {
+            prereqs_with(&[DEBIAN_PACKAGES, BENCH_PACKAGES].concat())?;
+            build()?;
+            run(cargo().args(["build", "--release", "-p", "localdns-tests", "--bins"]))?;
+            let mut c = Command::new(root().join("target/release/bench"));
+            if quick {
+                c.arg("--quick");
+            }
+            c.args(only);
+            run(&mut c)
         }
         Cmd::Test { args } => {
             prereqs()?;
