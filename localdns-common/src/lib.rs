@@ -101,13 +101,20 @@ pub struct CacheKey {
 }
 const _: () = assert!(core::mem::size_of::<CacheKey>() == 16);
 
+/// Bytes of [`CacheValue::data`]: the longest qname plus the largest tail.
+pub const DATA_LEN: usize = MAX_QNAME + 1 + MAX_TAIL;
+
 /// Value of [`MAP_CACHE`]: a response's wire image minus what the kernel
 /// takes from the query (ID, RD bit, question bytes as sent), plus what it
 /// needs to finish the reply in place.
 ///
 /// Reply = header (query ID, `flags_be` with the query's RD bit, counts) +
-/// the query's question bytes + `tail[..tail_len]` with every TTL field at
+/// the query's question bytes + the tail with every TTL field at
 /// `ttl_off[..ttl_count]` set to `ttl - elapsed_seconds`.
+///
+/// Layout is for the cache: a hit reads the 112-byte header block and then
+/// `data` from its start (qname, then the tail right behind it), so a
+/// typical entry costs three or four cache lines, not one per field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct CacheValue {
@@ -117,7 +124,7 @@ pub struct CacheValue {
     pub expire_ns: u64,
     /// TTL in seconds of every record at `insert_ns` (already capped).
     pub ttl: u32,
-    /// Partial one's-complement sum (unfolded, native loads of network-order
+    /// Partial one's-complement sum (folded, native loads of network-order
     /// words) of the reply's DNS payload except ID, flags, question and TTL
     /// fields: QDCOUNT..ARCOUNT plus the tail with TTL fields zeroed, each
     /// byte at its parity in the reply.
@@ -126,7 +133,7 @@ pub struct CacheValue {
     pub flags_be: u16,
     /// QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT, network byte order.
     pub counts_be: [u16; 4],
-    /// Bytes of `tail` in use (1..=[`MAX_TAIL`]).
+    /// Bytes of the tail in use (1..=[`MAX_TAIL`]).
     pub tail_len: u16,
     /// Entries of `ttl_off` in use (0..=[`MAX_TTLS`]).
     pub ttl_count: u16,
@@ -134,21 +141,21 @@ pub struct CacheValue {
     pub ttl_even: u16,
     /// TTL fields at odd DNS-payload offsets.
     pub ttl_odd: u16,
-    /// Length of `qname` in bytes; equals the key's `qname_len`.
+    /// Length of the qname in bytes; equals the key's `qname_len`.
     pub qname_len: u16,
     /// 1: emit a [`LogEvent`] for every hit (zone has `queryLogging: Log`).
     pub log: u8,
-    pub _pad: u8,
-    /// Offsets of TTL fields from the start of `tail`, host byte order.
+    pub _pad: [u8; 3],
+    /// Offsets of TTL fields from the start of the tail, host byte order.
     pub ttl_off: [u16; MAX_TTLS],
-    /// Lower-cased wire qname, zero padded; checked against the query so a
-    /// hash collision can only cause a PASS.
-    pub qname: [u8; MAX_QNAME + 1],
-    /// Answer, authority and additional sections (OPT included), as sent.
-    pub tail: [u8; MAX_TAIL],
-    pub _pad_end: [u8; 2],
+    /// `data[..qname_len]`: the lower-cased wire qname, checked against the
+    /// query so a hash collision can only cause a PASS.
+    /// `data[qname_len..qname_len + tail_len]`: the tail — answer,
+    /// authority and additional sections (OPT included) as sent. Zero after.
+    pub data: [u8; DATA_LEN],
 }
 const _: () = assert!(core::mem::size_of::<CacheValue>() == 880);
+const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 112);
 
 impl CacheValue {
     pub const fn zeroed() -> Self {
@@ -165,12 +172,15 @@ impl CacheValue {
             ttl_odd: 0,
             qname_len: 0,
             log: 0,
-            _pad: 0,
+            _pad: [0; 3],
             ttl_off: [0; MAX_TTLS],
-            qname: [0; MAX_QNAME + 1],
-            tail: [0; MAX_TAIL],
-            _pad_end: [0; 2],
+            data: [0; DATA_LEN],
         }
+    }
+
+    /// The stored lower-case qname.
+    pub fn qname(&self) -> &[u8] {
+        &self.data[..(self.qname_len as usize).min(MAX_QNAME)]
     }
 }
 

@@ -349,7 +349,11 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
             break;
         }
         let a = unsafe { (sq.add(i * 8) as *const u64).read_unaligned() };
-        let b = unsafe { (v.qname.as_ptr().add(i * 8) as *const u64).read_unaligned() };
+        let mut b = unsafe { (v.data.as_ptr().add(i * 8) as *const u64).read_unaligned() };
+        // The tail follows the name in `data`: compare name bytes only.
+        if i == nwords - 1 && tail_bits != 0 {
+            b &= (1u64 << tail_bits) - 1;
+        }
         if a != b {
             return Err(STAT_PASS_COLLISION);
         }
@@ -439,7 +443,10 @@ fn try_answer<P: Packet>(p: &P) -> Result<(), u32> {
             (hdr.add(4 + i * 2) as *mut u16).write_unaligned(v.counts_be[i]);
         }
     }
-    p.store(qend as u32, v.tail.as_ptr(), tail_len as u32)?;
+    // The tail follows the qname in `data`; both bounds are checked above
+    // (qlen <= 255, tail_len <= 512), which keeps the read inside `data`.
+    let tail = unsafe { v.data.as_ptr().add(qlen & 0xff) };
+    p.store(qend as u32, tail, tail_len as u32)?;
     for i in 0..MAX_TTLS {
         if i >= ttl_count {
             break;

@@ -261,8 +261,8 @@ impl Entry {
             }
         }
         v.qname_len = qlen as u16;
-        v.qname[..qlen].copy_from_slice(&self.qname);
-        v.tail[..self.tail.len()].copy_from_slice(&self.tail);
+        v.data[..qlen].copy_from_slice(&self.qname);
+        v.data[qlen..qlen + self.tail.len()].copy_from_slice(&self.tail);
         // Checksum of the reply payload with ID, flags, question and TTLs
         // zeroed: the kernel adds those per query.
         let mut img = vec![0u8; tail_at];

@@ -108,24 +108,55 @@ impl Drop for ListenerAddrs {
     }
 }
 
-/// Binds UDP and TCP on `addr:port` and serves `view` until the task is
-/// aborted.
-pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ListenError> {
-    let udp = UdpSocket::bind(addr)
-        .await
-        .map_err(|source| ListenError::Bind {
-            proto: "udp",
-            addr,
-            source,
-        })?;
-    let tcp = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ListenError::Bind {
-            proto: "tcp",
-            addr,
-            source,
-        })?;
+/// Receive buffer per UDP socket: room for bursts while a core is busy.
+const UDP_RCVBUF: usize = 4 << 20;
+
+/// One UDP socket per core on `addr` (SO_REUSEPORT spreads clients across
+/// them) and one TCP listener.
+pub async fn bind(
+    addr: SocketAddr,
+    udp_sockets: usize,
+) -> Result<(Vec<UdpSocket>, TcpListener), ListenError> {
+    let err = |proto, source| ListenError::Bind {
+        proto,
+        addr,
+        source,
+    };
+    let mut udp = Vec::new();
+    for _ in 0..udp_sockets.max(1) {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            None,
+        )
+        .map_err(|e| err("udp", e))?;
+        s.set_reuse_port(true).map_err(|e| err("udp", e))?;
+        // Root may exceed net.core.rmem_max; otherwise take what is allowed.
+        if !rcvbuf_force(&s, UDP_RCVBUF) {
+            let _ = s.set_recv_buffer_size(UDP_RCVBUF);
+        }
+        s.set_nonblocking(true).map_err(|e| err("udp", e))?;
+        s.bind(&addr.into()).map_err(|e| err("udp", e))?;
+        udp.push(UdpSocket::from_std(s.into()).map_err(|e| err("udp", e))?);
+    }
+    let tcp = TcpListener::bind(addr).await.map_err(|e| err("tcp", e))?;
     Ok((udp, tcp))
+}
+
+/// SO_RCVBUFFORCE (root only): a buffer beyond net.core.rmem_max.
+fn rcvbuf_force(s: &socket2::Socket, size: usize) -> bool {
+    use std::os::fd::AsRawFd;
+    let v = size as libc::c_int;
+    // SAFETY: setsockopt on an open socket with a correctly sized int.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
 }
 
 pub async fn serve_udp(sock: UdpSocket, view: u8, res: Arc<Resolver>) {

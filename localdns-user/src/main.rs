@@ -238,8 +238,9 @@ async fn serve(
 ) -> Result<()> {
     let addrs = ListenerAddrs::setup(&[args.vnet_listen, args.kube_listen])?;
     tracing::info!(device = %addrs.device, "listener addresses ready");
-    let (vu, vt) = listen::bind(SocketAddr::new(args.vnet_listen.into(), 53)).await?;
-    let (ku, kt) = listen::bind(SocketAddr::new(args.kube_listen.into(), 53)).await?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (vu, vt) = listen::bind(SocketAddr::new(args.vnet_listen.into(), 53), cores).await?;
+    let (ku, kt) = listen::bind(SocketAddr::new(args.kube_listen.into(), 53), cores).await?;
     let fastpath = if args.no_fastpath {
         None
     } else {
@@ -265,11 +266,14 @@ async fn serve(
         ready: false.into(),
     });
     let mut tasks = vec![
-        tokio::spawn(listen::serve_udp(vu, VIEW_VNET, res.clone())),
         tokio::spawn(listen::serve_tcp(vt, VIEW_VNET, res.clone())),
-        tokio::spawn(listen::serve_udp(ku, VIEW_KUBE, res.clone())),
         tokio::spawn(listen::serve_tcp(kt, VIEW_KUBE, res.clone())),
     ];
+    for (socks, view) in [(vu, VIEW_VNET), (ku, VIEW_KUBE)] {
+        for s in socks {
+            tasks.push(tokio::spawn(listen::serve_udp(s, view, res.clone())));
+        }
+    }
     for a in [listen_addr(&args.metrics)?, listen_addr(&args.health)?]
         .into_iter()
         .flatten()
@@ -423,7 +427,7 @@ fn cache_cmd(op: CacheOp, pin: &Path) -> Result<()> {
             let now = mono_ns();
             let items: Vec<(CacheKey, CacheValue)> = cache.iter().filter_map(|r| r.ok()).collect();
             for (k, v) in items {
-                let qn = &v.qname[..(v.qname_len as usize).min(v.qname.len())];
+                let qn = v.qname();
                 let left = v.expire_ns.saturating_sub(now) / 1_000_000_000;
                 let mut fl = Vec::new();
                 for (b, n) in [(KEY_F_EDNS, "edns"), (KEY_F_DO, "do"), (KEY_F_CD, "cd")] {

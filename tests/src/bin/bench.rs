@@ -104,7 +104,7 @@ fn setup(o: &Opts) -> Topo {
     )
     .unwrap();
     let conf = format!(
-        "server:\n  ip-address: {UPSTREAM}\n  port: 53\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  username: \"\"\n  chroot: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  server-count: 2\n  tcp-count: 1000\n  verbosity: 0\nremote-control:\n  control-enable: no\nzone:\n  name: bench.test\n  zonefile: bench.test.zone\nzone:\n  name: miss.test\n  zonefile: miss.test.zone\nzone:\n  name: cluster.local\n  zonefile: cluster.local.zone\n",
+        "server:\n  ip-address: {UPSTREAM}\n  port: 53\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  username: \"\"\n  chroot: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  server-count: 2\n  tcp-count: 1000\n  verbosity: 0\n  rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\nremote-control:\n  control-enable: no\nzone:\n  name: bench.test\n  zonefile: bench.test.zone\nzone:\n  name: miss.test\n  zonefile: miss.test.zone\nzone:\n  name: cluster.local\n  zonefile: cluster.local.zone\n",
         d = d.display()
     );
     std::fs::write(d.join("nsd.conf"), conf).unwrap();
@@ -331,26 +331,28 @@ fn peak_rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Total run time of our XDP programs (kernel.bpf_stats_enabled=1), ns.
-fn bpf_run_ns() -> u64 {
+/// Total run time (ns) and run count of our XDP programs
+/// (kernel.bpf_stats_enabled=1).
+fn bpf_run() -> (u64, u64) {
     let o = Command::new("bpftool")
         .args(["prog", "show", "-j"])
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|p| {
-                    matches!(
-                        p["name"].as_str(),
-                        Some("localdns_xdp" | "localdns_null" | "localdns_tc")
-                    )
-                })
-                .map(|p| p["run_time_ns"].as_u64().unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
+    let ours = |p: &&Value| {
+        matches!(
+            p["name"].as_str(),
+            Some("localdns_xdp" | "localdns_null" | "localdns_tc")
+        )
+    };
+    let a = v.as_array().cloned().unwrap_or_default();
+    let sum = |k: &str| {
+        a.iter()
+            .filter(ours)
+            .map(|p| p[k].as_u64().unwrap_or(0))
+            .sum()
+    };
+    (sum("run_time_ns"), sum("run_cnt"))
 }
 
 /// Runs a load generator in the client netns; returns (stdout, its own CPU
@@ -482,6 +484,9 @@ fn miss_file(dir: &Path, run: &str, lines: usize) -> PathBuf {
     p
 }
 
+/// dnsperf at saturation: 500 outstanding and a 1 s timeout saturate every
+/// contender here, and a dropped query frees its slot soon instead of
+/// stalling the window.
 fn dnsperf_sat(o: &Opts, file: &Path, once: bool) -> Vec<String> {
     let mut a: Vec<String> = [
         "-s",
@@ -493,9 +498,9 @@ fn dnsperf_sat(o: &Opts, file: &Path, once: bool) -> Vec<String> {
         "-T",
         "2",
         "-q",
-        "2000",
+        "500",
         "-t",
-        "2",
+        "1",
         "-d",
     ]
     .iter()
@@ -533,6 +538,7 @@ fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Value {
     // W1 saturation, kxdpgun (AF_XDP) and dnsperf.
     let (mut kx, mut kx_cpu, mut dp, mut dp_cpu, mut dp_lost) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (bs0, ns0) = bpf_run();
     for run in 0..o.runs {
         let args: Vec<String> = [
             "-t",
@@ -565,6 +571,13 @@ fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Value {
         dp_lost.push(field(&text, "Queries lost:").unwrap_or(0.0));
         dp_cpu.push(ccpu / wall);
     }
+    let (bs1, ns1) = bpf_run();
+    if ns1 > ns0 {
+        r.insert(
+            "sat_bpf_ns_per_run".into(),
+            json!((bs1 - bs0) as f64 / (ns1 - ns0) as f64),
+        );
+    }
     r.insert("w1_kxdpgun_qps".into(), json!(median(&mut kx)));
     r.insert("w1_kxdpgun_client_cpu".into(), json!(median(&mut kx_cpu)));
     r.insert("w1_dnsperf_qps".into(), json!(median(&mut dp)));
@@ -572,7 +585,7 @@ fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Value {
     r.insert("w1_dnsperf_lost".into(), json!(dp_lost.iter().sum::<f64>()));
 
     // W1 at a fixed offered rate: latency percentiles and server CPU/query.
-    let (c0, b0) = (cpu(), bpf_run_ns());
+    let (c0, (b0, n0)) = (cpu(), bpf_run());
     let mut a: Vec<String> = [
         "-s",
         LISTEN,
@@ -594,7 +607,13 @@ fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Value {
     .collect();
     a.push(f.hits.display().to_string());
     let (text, _, _) = generate(t, "dnsperf", &a, &rawf("w1-fixed"));
-    let (c1, b1) = (cpu(), bpf_run_ns());
+    let (c1, (b1, n1)) = (cpu(), bpf_run());
+    if n1 > n0 {
+        r.insert(
+            "fixed_bpf_ns_per_run".into(),
+            json!((b1 - b0) as f64 / (n1 - n0) as f64),
+        );
+    }
     let completed = field(&text, "Queries completed:").unwrap_or(0.0);
     let server_cpu = (c1 - c0) + (b1 - b0) as f64 / 1e9;
     r.insert("fixed_qps".into(), json!(o.fixed_qps));
@@ -812,7 +831,10 @@ fn main() {
     };
     let o = Opts {
         quick,
-        names: if quick { 2000 } else { 10000 },
+        names: args
+            .iter()
+            .find_map(|a| a.strip_prefix("--names=")?.parse().ok())
+            .unwrap_or(if quick { 2000 } else { 10000 }),
         secs: if quick { 2 } else { 5 },
         runs: if quick { 1 } else { 3 },
         fixed_qps: 20000,
@@ -822,9 +844,7 @@ fn main() {
     let raw = o.out.join("raw").join(&stamp);
     std::fs::create_dir_all(&raw).unwrap();
     let only: Option<&String> = args.iter().find(|a| !a.starts_with("--"));
-    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-        .unwrap_or_else(|_| "0".into());
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1");
     let t = setup(&o);
     let files = write_query_files(&o, &t.dir.path);
     let kinds = [
@@ -850,7 +870,6 @@ fn main() {
         eprintln!("[bench] {}: {}", k.name(), r);
         results.push(r);
     }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
     let uname = Command::new("uname")
         .arg("-r")
         .output()
@@ -884,6 +903,29 @@ fn main() {
     }
     drop(t);
     println!("{md}");
+}
+
+/// Sets a sysctl for the run and restores it on drop, panics included.
+struct SysctlGuard {
+    path: &'static str,
+    before: String,
+}
+
+impl SysctlGuard {
+    fn set(path: &'static str, value: &str) -> SysctlGuard {
+        let before = std::fs::read_to_string(path)
+            .unwrap_or_else(|_| "0".into())
+            .trim()
+            .to_string();
+        let _ = std::fs::write(path, value);
+        SysctlGuard { path, before }
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, &self.before);
+    }
 }
 
 fn chrono_stamp() -> String {
