@@ -292,51 +292,70 @@ pub fn ones_sum(b: &[u8]) -> u64 {
     s
 }
 
-/// Counters of the userspace cache.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CacheCounts {
-    pub entries: usize,
-}
+/// Lock shards of the userspace cache: queries on different names rarely
+/// wait for each other, and sweeping holds each lock only briefly.
+const SHARDS: usize = 32;
+/// Entries looked at when a full shard needs room (bounded work per insert).
+const EVICT_SCAN: usize = 32;
+
+type Shard = Mutex<HashMap<Key, Arc<Entry>>>;
 
 /// The userspace cache: every cached answer, fresh or within its stale
-/// window. Bounded; when full, expired entries go first, then arbitrary.
+/// window. Bounded; a full shard drops entries past their stale window
+/// first, else arbitrary ones, looking at a few entries only.
 pub struct Cache {
-    map: Mutex<HashMap<Key, Arc<Entry>>>,
-    capacity: usize,
+    shards: Vec<Shard>,
+    shard_cap: usize,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Cache {
     pub fn new(capacity: usize) -> Self {
         Cache {
-            map: Mutex::new(HashMap::new()),
-            capacity: capacity.max(1),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shard_cap: capacity.div_ceil(SHARDS).max(1),
+            hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
+    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Entry>>> {
+        use std::hash::BuildHasher;
+        let i = self.hasher.hash_one(key) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn each_shard(
+        &self,
+    ) -> impl Iterator<Item = std::sync::MutexGuard<'_, HashMap<Key, Arc<Entry>>>> {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        self.shard(key).get(key).cloned()
     }
 
     /// Inserts or replaces; returns keys evicted to make room.
     pub fn insert(&self, key: Key, entry: Arc<Entry>) -> Vec<Key> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.shard(&key);
         let mut evicted = Vec::new();
-        if map.len() >= self.capacity && !map.contains_key(&key) {
+        if map.len() >= self.shard_cap && !map.contains_key(&key) {
             let now = mono_ns();
-            let victims: Vec<Key> = map
+            let sample: Vec<(Key, bool)> = map
                 .iter()
-                .filter(|(_, e)| e.stale_until_ns <= now)
-                .map(|(k, _)| k.clone())
-                .take(64)
+                .take(EVICT_SCAN)
+                .map(|(k, e)| (k.clone(), e.stale_until_ns <= now))
                 .collect();
-            let victims = if victims.is_empty() {
-                map.keys().take(1 + self.capacity / 64).cloned().collect()
+            let dead: Vec<Key> = sample
+                .iter()
+                .filter(|(_, d)| *d)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let victims = if dead.is_empty() {
+                sample.into_iter().take(1).map(|(k, _)| k).collect()
             } else {
-                victims
+                dead
             };
             for k in victims {
                 map.remove(&k);
@@ -349,43 +368,49 @@ impl Cache {
 
     /// Removes entries past their stale window; returns their keys.
     pub fn sweep(&self, now_ns: u64) -> Vec<Key> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<Key> = map
-            .iter()
-            .filter(|(_, e)| e.stale_until_ns <= now_ns)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &gone {
-            map.remove(k);
-        }
-        gone
+        self.remove_where(|_, e| e.stale_until_ns <= now_ns)
     }
 
     /// Removes the entries whose key matches `f`; returns their keys.
     pub fn remove_if(&self, f: impl Fn(&Key) -> bool) -> Vec<Key> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<Key> = map.keys().filter(|k| f(k)).cloned().collect();
-        for k in &gone {
-            map.remove(k);
+        self.remove_where(|k, _| f(k))
+    }
+
+    fn remove_where(&self, f: impl Fn(&Key, &Entry) -> bool) -> Vec<Key> {
+        let mut gone = Vec::new();
+        for mut map in self.each_shard() {
+            map.retain(|k, e| {
+                let drop = f(k, e);
+                if drop {
+                    gone.push(k.clone());
+                }
+                !drop
+            });
         }
         gone
     }
 
     /// Keys of entries that expired in `[since_ns, now_ns)` (kept as stale).
     pub fn expired_between(&self, since_ns: u64, now_ns: u64) -> Vec<Key> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .filter(|(_, e)| e.expire_ns >= since_ns && e.expire_ns < now_ns)
-            .map(|(k, _)| k.clone())
-            .collect()
+        let mut out = Vec::new();
+        for map in self.each_shard() {
+            out.extend(
+                map.iter()
+                    .filter(|(_, e)| e.expire_ns >= since_ns && e.expire_ns < now_ns)
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        out
     }
 
     pub fn clear(&self) {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        for mut map in self.each_shard() {
+            map.clear();
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.each_shard().map(|m| m.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -472,6 +497,43 @@ mod tests {
         assert_eq!(&*got[0].qname, &[1, b'b', 0]);
         assert!(c.expired_between(31, 40).is_empty(), "already reported");
         assert_eq!(c.sweep(100).len(), 3);
+    }
+
+    #[test]
+    fn bounded_capacity_evicts_without_scanning_everything() {
+        let c = Cache::new(64);
+        let now = mono_ns();
+        for i in 0..10_000u32 {
+            let name = format!("n{i}");
+            let mut q = vec![name.len() as u8];
+            q.extend_from_slice(name.as_bytes());
+            q.push(0);
+            let e = Entry {
+                qname: q.clone(),
+                flags: 0,
+                counts: [1, 0, 0, 0],
+                tail: vec![],
+                ttl_offsets: vec![],
+                ttl: 60,
+                insert_ns: now,
+                expire_ns: now + 60_000_000_000,
+                stale_until_ns: now + 60_000_000_000,
+                rcode: 0,
+            };
+            c.insert(
+                Key {
+                    view: 0,
+                    flags: 0,
+                    qtype: 1,
+                    qclass: 1,
+                    qname: q.into(),
+                },
+                Arc::new(e),
+            );
+        }
+        // Never more than the per-shard cap in any shard.
+        assert!(c.len() <= 64 + SHARDS, "{}", c.len());
+        assert!(c.len() >= 32);
     }
 
     #[test]

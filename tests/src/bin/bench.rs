@@ -11,6 +11,7 @@
 //! sends to ClusterCoreDNS over TCP). Load: kxdpgun (AF_XDP) and dnsperf. Every
 //! number in the table comes from a raw output file kept next to it.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -365,7 +366,33 @@ fn generate(t: &Topo, prog: &str, args: &[String], raw: &Path) -> (String, f64, 
     let out = child.wait_with_output_rusage();
     let wall = t0.elapsed().as_secs_f64();
     let text = format!("$ {prog} {}\n{}{}", args.join(" "), out.0, out.1);
-    std::fs::write(raw, &text).unwrap();
+    // Per-query lines of `dnsperf -v` are kept as a histogram (µs -> count):
+    // the percentiles are exact from it, the files stay small.
+    let mut hist: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut kept = String::new();
+    for l in text.lines() {
+        match l
+            .strip_prefix("> ")
+            .and_then(|r| r.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            Some(secs) => *hist.entry((secs * 1e6) as u64).or_default() += 1,
+            None => {
+                kept.push_str(l);
+                kept.push('\n');
+            }
+        }
+    }
+    if !hist.is_empty() {
+        let _ = writeln!(
+            kept,
+            "\n# latency histogram from -v: <microseconds> <queries>"
+        );
+        for (us, n) in &hist {
+            let _ = writeln!(kept, "{us} {n}");
+        }
+    }
+    std::fs::write(raw, &kept).unwrap();
     (text, out.2, wall)
 }
 
