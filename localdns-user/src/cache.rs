@@ -295,16 +295,20 @@ pub fn ones_sum(b: &[u8]) -> u64 {
 /// Lock shards of the userspace cache: queries on different names rarely
 /// wait for each other, and sweeping holds each lock only briefly.
 const SHARDS: usize = 32;
-/// Entries looked at when a full shard needs room (bounded work per insert).
-const EVICT_SCAN: usize = 32;
 
-type Shard = Mutex<HashMap<Key, Arc<Entry>>>;
+/// One shard: the entries plus their insertion order, oldest first, for
+/// O(1) eviction (FIFO). The order may hold keys already removed (swept or
+/// flushed); they are skipped when met.
+#[derive(Default)]
+struct ShardMap {
+    map: HashMap<Key, Arc<Entry>>,
+    order: std::collections::VecDeque<Key>,
+}
 
 /// The userspace cache: every cached answer, fresh or within its stale
-/// window. Bounded; a full shard drops entries past their stale window
-/// first, else arbitrary ones, looking at a few entries only.
+/// window. Bounded; a full shard drops its oldest entry.
 pub struct Cache {
-    shards: Vec<Shard>,
+    shards: Vec<Mutex<ShardMap>>,
     shard_cap: usize,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -312,57 +316,59 @@ pub struct Cache {
 impl Cache {
     pub fn new(capacity: usize) -> Self {
         Cache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(ShardMap::default()))
+                .collect(),
             shard_cap: capacity.div_ceil(SHARDS).max(1),
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
-    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Entry>>> {
+    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, ShardMap> {
         use std::hash::BuildHasher;
         let i = self.hasher.hash_one(key) as usize % SHARDS;
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn each_shard(
-        &self,
-    ) -> impl Iterator<Item = std::sync::MutexGuard<'_, HashMap<Key, Arc<Entry>>>> {
+    fn each_shard(&self) -> impl Iterator<Item = std::sync::MutexGuard<'_, ShardMap>> {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.shard(key).get(key).cloned()
+        self.shard(key).map.get(key).cloned()
     }
 
     /// Inserts or replaces; returns keys evicted to make room.
     pub fn insert(&self, key: Key, entry: Arc<Entry>) -> Vec<Key> {
-        let mut map = self.shard(&key);
+        let mut sh = self.shard(&key);
         let mut evicted = Vec::new();
-        if map.len() >= self.shard_cap && !map.contains_key(&key) {
-            let now = mono_ns();
-            let sample: Vec<(Key, bool)> = map
-                .iter()
-                .take(EVICT_SCAN)
-                .map(|(k, e)| (k.clone(), e.stale_until_ns <= now))
-                .collect();
-            let dead: Vec<Key> = sample
-                .iter()
-                .filter(|(_, d)| *d)
-                .map(|(k, _)| k.clone())
-                .collect();
-            let victims = if dead.is_empty() {
-                sample.into_iter().take(1).map(|(k, _)| k).collect()
-            } else {
-                dead
+        if sh.map.contains_key(&key) {
+            sh.map.insert(key, entry);
+            return evicted;
+        }
+        while sh.map.len() >= self.shard_cap {
+            let Some(old) = sh.order.pop_front() else {
+                break;
             };
-            for k in victims {
-                map.remove(&k);
-                evicted.push(k);
+            if sh.map.remove(&old).is_some() {
+                evicted.push(old);
             }
         }
-        map.insert(key, entry);
+        // Keys removed by sweeps linger in `order`; rebuild it when they
+        // outnumber the live ones.
+        if sh.order.len() > 2 * self.shard_cap {
+            let live: Vec<Key> = sh
+                .order
+                .iter()
+                .filter(|k| sh.map.contains_key(*k))
+                .cloned()
+                .collect();
+            sh.order = live.into();
+        }
+        sh.order.push_back(key.clone());
+        sh.map.insert(key, entry);
         evicted
     }
 
@@ -378,8 +384,8 @@ impl Cache {
 
     fn remove_where(&self, f: impl Fn(&Key, &Entry) -> bool) -> Vec<Key> {
         let mut gone = Vec::new();
-        for mut map in self.each_shard() {
-            map.retain(|k, e| {
+        for mut sh in self.each_shard() {
+            sh.map.retain(|k, e| {
                 let drop = f(k, e);
                 if drop {
                     gone.push(k.clone());
@@ -393,9 +399,10 @@ impl Cache {
     /// Keys of entries that expired in `[since_ns, now_ns)` (kept as stale).
     pub fn expired_between(&self, since_ns: u64, now_ns: u64) -> Vec<Key> {
         let mut out = Vec::new();
-        for map in self.each_shard() {
+        for sh in self.each_shard() {
             out.extend(
-                map.iter()
+                sh.map
+                    .iter()
                     .filter(|(_, e)| e.expire_ns >= since_ns && e.expire_ns < now_ns)
                     .map(|(k, _)| k.clone()),
             );
@@ -404,13 +411,14 @@ impl Cache {
     }
 
     pub fn clear(&self) {
-        for mut map in self.each_shard() {
-            map.clear();
+        for mut sh in self.each_shard() {
+            sh.map.clear();
+            sh.order.clear();
         }
     }
 
     pub fn len(&self) -> usize {
-        self.each_shard().map(|m| m.len()).sum()
+        self.each_shard().map(|s| s.map.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {

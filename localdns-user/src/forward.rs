@@ -112,7 +112,11 @@ impl Upstream {
         sock.connect(addr).await.map_err(io)?;
         let id: u16 = rand::rng().random();
         sock.send(&wire::upstream_query(q, id)).await.map_err(io)?;
-        let mut buf = vec![0u8; 65535];
+        // We advertise OUR_UDP_SIZE, so a larger datagram is not an answer
+        // we asked for. A small buffer per exchange, not 64 KiB: allocating
+        // and freeing those per query made glibc consolidate its heap each
+        // time, slower and slower as the cache filled it.
+        let mut buf = [0u8; 4096];
         let deadline = tokio::time::Instant::now() + TRY_TIMEOUT;
         loop {
             let n = match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
@@ -121,8 +125,7 @@ impl Upstream {
             };
             // Anything that does not answer our question is ignored.
             if wire::response_matches(&buf[..n], q, id) {
-                buf.truncate(n);
-                return Ok(buf);
+                return Ok(buf[..n].to_vec());
             }
         }
     }
@@ -186,8 +189,18 @@ impl TcpConn {
         });
         let wclosed = closed.clone();
         tokio::spawn(async move {
+            // Pipelined queries waiting together go out in one write.
+            let mut batch = Vec::with_capacity(4096);
             while let Some(frame) = rx.recv().await {
-                if wr.write_all(&frame).await.is_err() {
+                batch.clear();
+                batch.extend_from_slice(&frame);
+                while batch.len() < 60_000 {
+                    match rx.try_recv() {
+                        Ok(f) => batch.extend_from_slice(&f),
+                        Err(_) => break,
+                    }
+                }
+                if wr.write_all(&batch).await.is_err() {
                     break;
                 }
             }
