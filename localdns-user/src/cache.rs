@@ -344,8 +344,8 @@ impl Cache {
     pub fn insert(&self, key: Key, entry: Arc<Entry>) -> Vec<Key> {
         let mut sh = self.shard(&key);
         let mut evicted = Vec::new();
-        if sh.map.contains_key(&key) {
-            sh.map.insert(key, entry);
+        if let Some(slot) = sh.map.get_mut(&key) {
+            *slot = entry;
             return evicted;
         }
         while sh.map.len() >= self.shard_cap {
