@@ -97,19 +97,22 @@ fn prereqs() -> Result<()> {
 }
 
 fn prereqs_with(packages: &[&str]) -> Result<()> {
-    let has_src = Command::new("rustup")
+    // rust-src builds core for the BPF target; clippy lints the eBPF crate.
+    let installed = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
-        .unwrap_or(false);
-    if !has_src {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for component in ["rust-src", "clippy"] {
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                "nightly",
+            ]))?;
+        }
     }
     let linker_ok = Command::new("bpf-linker")
         .arg("--version")
