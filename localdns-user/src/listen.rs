@@ -171,15 +171,23 @@ pub async fn serve_udp(sock: UdpSocket, view: u8, res: Arc<Resolver>) {
             }
         };
         let raw = &buf[..n];
-        // Hits are answered inline; everything else gets its own task.
-        if let Some(out) = res.answer_cached(view, raw) {
-            let _ = sock.send_to(&out, peer).await;
-            continue;
-        }
+        // Hits are answered inline; everything else gets its own task,
+        // with the query as already parsed.
+        let parsed = match res.answer_cached(view, raw) {
+            Ok(out) => {
+                let _ = sock.send_to(&out, peer).await;
+                continue;
+            }
+            Err(parsed) => parsed,
+        };
         let raw = raw.to_vec();
         let (sock, res) = (sock.clone(), res.clone());
         tokio::spawn(async move {
-            if let Some(out) = res.handle(view, &raw, peer, Transport::Udp).await {
+            let out = match parsed {
+                Some(q) => res.handle_parsed(view, &raw, q, peer, Transport::Udp).await,
+                None => res.handle(view, &raw, peer, Transport::Udp).await,
+            };
+            if let Some(out) = out {
                 let _ = sock.send_to(&out, peer).await;
             }
         });

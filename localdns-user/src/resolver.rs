@@ -124,12 +124,27 @@ impl Resolver {
         client: SocketAddr,
         tr: Transport,
     ) -> Option<Vec<u8>> {
-        let start = Instant::now();
-        self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let q = match wire::parse_query(raw) {
             Ok(q) => q,
-            Err(e) => return self.reject(raw, e),
+            Err(e) => {
+                self.counters.queries.fetch_add(1, Ordering::Relaxed);
+                return self.reject(raw, e);
+            }
         };
+        self.handle_parsed(view, raw, q, client, tr).await
+    }
+
+    /// [`Resolver::handle`] for a query already parsed from `raw`.
+    pub async fn handle_parsed(
+        self: &Arc<Self>,
+        view: u8,
+        raw: &[u8],
+        q: Query,
+        client: SocketAddr,
+        tr: Transport,
+    ) -> Option<Vec<u8>> {
+        let start = Instant::now();
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let views = self.views();
         let zone = find_zone(&views, view, &q.qname_lower);
         let reply = self.answer(view, raw, &q, zone, tr).await;
@@ -140,23 +155,28 @@ impl Resolver {
     }
 
     /// The cached answer, without touching the network: lets the UDP loop
-    /// answer hits inline. `None` means "take the async path".
-    pub fn answer_cached(&self, view: u8, raw: &[u8]) -> Option<Vec<u8>> {
-        let q = wire::parse_query(raw).ok()?;
+    /// answer hits inline. Otherwise it hands back what it parsed (the
+    /// async path then does not parse again); `Err(None)`: not parseable.
+    pub fn answer_cached(&self, view: u8, raw: &[u8]) -> Result<Vec<u8>, Option<Query>> {
+        let q = wire::parse_query(raw).map_err(|_| None)?;
         let views = self.views();
         let zone = find_zone(&views, view, &q.qname_lower);
         if zone.zone.settings.query_logging == QueryLogging::Log {
-            return None;
+            return Err(Some(q));
         }
-        let e = self.cache.get(&Key::of(view, &q))?;
+        let Some(e) = self.cache.get(&Key::of(view, &q)) else {
+            return Err(Some(q));
+        };
         let now = mono_ns();
         if !e.is_fresh(now) {
-            return None;
+            return Err(Some(q));
         }
-        let out = e.render(raw, &q, now, q.max_udp())?;
+        let Some(out) = e.render(raw, &q, now, q.max_udp()) else {
+            return Err(Some(q));
+        };
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-        Some(out)
+        Ok(out)
     }
 
     fn reject(&self, raw: &[u8], e: WireError) -> Option<Vec<u8>> {
