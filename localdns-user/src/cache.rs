@@ -410,13 +410,6 @@ impl Cache {
         out
     }
 
-    pub fn clear(&self) {
-        for mut sh in self.each_shard() {
-            sh.map.clear();
-            sh.order.clear();
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.each_shard().map(|s| s.map.len()).sum()
     }

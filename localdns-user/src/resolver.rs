@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use localdns_common::{VIEW_KUBE, VIEW_VNET};
+use localdns_common::VIEW_KUBE;
 
 use crate::cache::{Cache, Entry, Key, mono_ns};
 use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone};
@@ -517,11 +517,10 @@ pub fn log_query(
     tracing::info!("{}", log_line(&f));
 }
 
-pub const VIEWS: [(u8, &str); 2] = [(VIEW_VNET, "vnet"), (VIEW_KUBE, "kube")];
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use localdns_common::VIEW_VNET;
 
     fn entry(qname: &[u8]) -> Arc<Entry> {
         Arc::new(Entry {

@@ -227,3 +227,26 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Durations (ns, sorted) of `runs` single BPF_PROG_TEST_RUN invocations of
+/// `prog` on `frame`, each asserted to return `want`. Single runs because a
+/// program that rewrites the packet cannot be timed with `repeat`: the next
+/// repetition would see its own output.
+pub fn single_run_ns(prog: &aya::programs::Xdp, frame: &[u8], runs: usize, want: u32) -> Vec<u64> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut ns: Vec<u64> = (0..runs)
+        .map(|_| {
+            let mut out = vec![0u8; 512];
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            };
+            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(r.return_value, want, "unexpected XDP action");
+            r.duration.as_nanos() as u64
+        })
+        .collect();
+    ns.sort_unstable();
+    ns
+}

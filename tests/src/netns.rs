@@ -178,3 +178,46 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// True when `dig @server name` gets a non-empty answer from inside `ns`.
+pub fn dig_ok(ns: &Netns, server: &str, name: &str) -> bool {
+    let o = ns.output(
+        "dig",
+        &["+tries=1", "+time=1", "+short", &format!("@{server}"), name],
+    );
+    o.status.success() && !String::from_utf8_lossy(&o.stdout).trim().is_empty()
+}
+
+/// Starts NSD in `ns` on `ip:53` serving `zones` (name, zone file text) from
+/// `dir`, with `tuning` lines added to its `server:` section, and waits until
+/// `probe` resolves. The returned guard stops it.
+pub fn start_nsd(
+    ns: &Netns,
+    dir: &Path,
+    ip: &str,
+    zones: &[(&str, &str)],
+    tuning: &str,
+    probe: &str,
+) -> Proc {
+    let d = dir.display();
+    let mut conf = format!(
+        "server:\n  ip-address: {ip}\n  port: 53\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  username: \"\"\n  chroot: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  verbosity: 1\n{tuning}remote-control:\n  control-enable: no\n"
+    );
+    for (name, text) in zones {
+        std::fs::write(dir.join(format!("{name}.zone")), text).unwrap();
+        conf.push_str(&format!("zone:\n  name: {name}\n  zonefile: {name}.zone\n"));
+    }
+    std::fs::write(dir.join("nsd.conf"), conf).unwrap();
+    let mut cmd = ns.cmd("nsd");
+    cmd.args(["-d", "-c"]).arg(dir.join("nsd.conf"));
+    let nsd = Proc::spawn(cmd, "nsd", &dir.join("nsd.log"));
+    let up = wait_for(Duration::from_secs(20), || {
+        dig_ok(ns, ip, probe).then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "nsd did not come up: {}",
+        std::fs::read_to_string(dir.join("nsd.log")).unwrap_or_default()
+    );
+    nsd
+}

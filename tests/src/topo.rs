@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::netns::{Netns, Proc, TempDir, unique_tag, wait_for};
+use crate::netns::{Netns, Proc, TempDir, start_nsd, unique_tag, wait_for};
 
 pub const VNET: &str = "169.254.10.10";
 pub const KUBE: &str = "169.254.10.11";
@@ -116,37 +116,19 @@ impl Topo {
     }
 
     fn start_nsd(&mut self) {
-        let d = &self.dir.path;
-        std::fs::write(d.join("example.test.zone"), EXAMPLE_ZONE).unwrap();
-        std::fs::write(d.join("cluster.local.zone"), CLUSTER_ZONE).unwrap();
-        let conf = format!(
-            "server:\n  ip-address: {UPSTREAM_IP}\n  port: 53\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  username: \"\"\n  chroot: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  server-count: 1\n  tcp-count: 256\n  verbosity: 1\nremote-control:\n  control-enable: no\nzone:\n  name: example.test\n  zonefile: example.test.zone\nzone:\n  name: cluster.local\n  zonefile: cluster.local.zone\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("nsd.conf"), conf).unwrap();
-        let mut cmd = self.upstream.cmd("nsd");
-        cmd.args(["-d", "-c"]).arg(d.join("nsd.conf"));
-        self.nsd = Some(Proc::spawn(cmd, "nsd", &d.join("nsd.log")));
-        let up = wait_for(Duration::from_secs(10), || {
-            let o = self.upstream.output(
-                "dig",
-                &[
-                    "+short",
-                    "+tries=1",
-                    "+time=1",
-                    &format!("@{UPSTREAM_IP}"),
-                    "www.example.test",
-                ],
-            );
-            String::from_utf8_lossy(&o.stdout)
-                .contains("192.0.2.10")
-                .then_some(())
-        });
-        assert!(
-            up.is_some(),
-            "nsd did not come up: {}",
-            std::fs::read_to_string(d.join("nsd.log")).unwrap_or_default()
-        );
+        let zones = [
+            ("example.test", EXAMPLE_ZONE),
+            ("cluster.local", CLUSTER_ZONE),
+        ];
+        let tuning = "  server-count: 1\n  tcp-count: 256\n";
+        self.nsd = Some(start_nsd(
+            &self.upstream,
+            &self.dir.path,
+            UPSTREAM_IP,
+            &zones,
+            tuning,
+            "www.example.test",
+        ));
     }
 
     /// Adds another address to the upstream netns (for fake upstreams).
@@ -258,4 +240,26 @@ impl Topo {
                 )
             })
     }
+}
+
+/// The AKS sample profile (the daemon's embedded default config).
+pub const SAMPLE_CONFIG: &str = include_str!("../../localdns-user/default-localdnsconfig.json");
+
+/// The sample with one setting changed in one zone block: the first `from`
+/// after the `nth` (0-based) occurrence of `zone_key` becomes `to`. The
+/// sample lists vnet ".", vnet "cluster.local", kube ".", kube "cluster.local".
+pub fn sample_with(zone_key: &str, nth: usize, from: &str, to: &str) -> String {
+    let (block, _) = SAMPLE_CONFIG
+        .match_indices(zone_key)
+        .nth(nth)
+        .expect("zone block in the sample");
+    let at = block
+        + SAMPLE_CONFIG[block..]
+            .find(from)
+            .expect("setting in the block");
+    format!(
+        "{}{to}{}",
+        &SAMPLE_CONFIG[..at],
+        &SAMPLE_CONFIG[at + from.len()..]
+    )
 }

@@ -10,7 +10,7 @@ use localdns_tests::fake::{
     FakeUpstream, MODE_DROP, MODE_NORMAL, MODE_SERVFAIL, MODE_TRUNCATE_UDP,
 };
 use localdns_tests::netns::wait_for;
-use localdns_tests::topo::{Topo, VNET};
+use localdns_tests::topo::{SAMPLE_CONFIG, Topo, VNET, sample_with};
 
 const UPS: [&str; 3] = ["169.254.200.3", "169.254.200.4", "169.254.200.5"];
 
@@ -286,7 +286,7 @@ fn serve_stale_modes_through_outage_and_recovery() {
 fn sighup_under_load_answers_every_query() {
     let mut t = Topo::new();
     let cfg = t.dir.path.join("localdnsconfig.json");
-    let sample = include_str!("../../localdns-user/default-localdnsconfig.json");
+    let sample = SAMPLE_CONFIG;
     std::fs::write(&cfg, sample).unwrap();
     t.start_daemon(&["--iface", "vpod0", "--config", cfg.to_str().unwrap()]);
     let data = t.dir.path.join("queries.txt");
@@ -296,18 +296,13 @@ fn sighup_under_load_answers_every_query() {
     )
     .unwrap();
     let pid = t.daemon.as_ref().unwrap().pid();
-    let changed = {
-        // vnet cluster.local (second block) gets a new cap: its cache is dropped.
-        let i = sample.find("\"cluster.local\"").unwrap();
-        let j = i + sample[i..]
-            .find("\"cacheDurationInSeconds\": 3600")
-            .unwrap();
-        format!(
-            "{}\"cacheDurationInSeconds\": 60{}",
-            &sample[..j],
-            &sample[j + 30..]
-        )
-    };
+    // vnet cluster.local gets a new cap: its cache is dropped.
+    let changed = sample_with(
+        "\"cluster.local\"",
+        0,
+        "\"cacheDurationInSeconds\": 3600",
+        "\"cacheDurationInSeconds\": 60",
+    );
     let cfg2 = cfg.clone();
     let hup = std::thread::spawn(move || {
         // At 1 s, 2 s and 3 s into the 4 s run: valid, invalid, valid again.

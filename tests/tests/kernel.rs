@@ -687,19 +687,7 @@ fn hit_cost_report() {
         .unwrap()
         .try_into()
         .unwrap();
-    let mut hit = Vec::new();
-    for _ in 0..20_000 {
-        let mut out = vec![0u8; 512];
-        let opts = TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let r = p.test_run(opts).unwrap();
-        assert_eq!(r.return_value, XDP_TX);
-        hit.push(r.duration.as_nanos() as u64);
-    }
-    hit.sort();
+    let hit = single_run_ns(p, &frame, 20_000, XDP_TX);
     // A miss leaves the packet as it is, so `repeat` measures it directly.
     rig.clear();
     let p: &Xdp = rig

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use localdns_tests::netns::wait_for;
-use localdns_tests::topo::{KUBE, Topo, VNET};
+use localdns_tests::topo::{KUBE, SAMPLE_CONFIG, Topo, VNET, sample_with};
 
 /// Answer records without their TTL field (TTLs count down between queries).
 fn answers(t: &Topo, server: &str, name: &str, qtype: &str) -> Vec<String> {
@@ -270,7 +270,7 @@ fn malformed_queries_do_not_hurt() {
 fn sighup_reloads_valid_files_and_keeps_running_on_invalid_ones() {
     let mut t = Topo::new();
     let cfg = t.dir.path.join("localdnsconfig.json");
-    let sample = include_str!("../../localdns-user/default-localdnsconfig.json");
+    let sample = SAMPLE_CONFIG;
     std::fs::write(&cfg, sample).unwrap();
     t.start_daemon(&["--iface", "vpod0", "--config", cfg.to_str().unwrap()]);
     let v = answers(&t, VNET, "www.example.test", "A");
@@ -279,11 +279,11 @@ fn sighup_reloads_valid_files_and_keeps_running_on_invalid_ones() {
 
     // Valid change to the kube view's cluster.local only: the vnet "."
     // entry stays cached, in the kernel too.
-    let i = sample.rfind("\"cacheDurationInSeconds\": 3600").unwrap();
-    let changed = format!(
-        "{}\"cacheDurationInSeconds\": 5{}",
-        &sample[..i],
-        &sample[i + 30..]
+    let changed = sample_with(
+        "\"cluster.local\"",
+        1,
+        "\"cacheDurationInSeconds\": 3600",
+        "\"cacheDurationInSeconds\": 5",
     );
     std::fs::write(&cfg, changed).unwrap();
     t.daemon.as_ref().unwrap().signal(libc::SIGHUP);
@@ -346,13 +346,12 @@ fn sighup_reloads_valid_files_and_keeps_running_on_invalid_ones() {
 fn query_log_covers_kernel_answered_queries() {
     let mut t = Topo::new();
     let cfg = t.dir.path.join("localdnsconfig.json");
-    let sample = include_str!("../../localdns-user/default-localdnsconfig.json");
-    // Log every query of the kube view's cluster.local (the last block).
-    let i = sample.rfind("\"queryLogging\": \"Error\"").unwrap();
-    let text = format!(
-        "{}\"queryLogging\": \"Log\"{}",
-        &sample[..i],
-        &sample[i + 23..]
+    // Log every query of the kube view's cluster.local.
+    let text = sample_with(
+        "\"cluster.local\"",
+        1,
+        "\"queryLogging\": \"Error\"",
+        "\"queryLogging\": \"Log\"",
     );
     std::fs::write(&cfg, text).unwrap();
     t.start_daemon(&["--iface", "vpod0", "--config", cfg.to_str().unwrap()]);
