@@ -137,6 +137,13 @@ impl Topo {
             .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
     }
 
+    /// True while the daemon process has not exited.
+    pub fn daemon_alive(&mut self) -> bool {
+        self.daemon
+            .as_mut()
+            .is_some_and(|d| matches!(d.child.try_wait(), Ok(None)))
+    }
+
     pub fn pin_path(&self) -> String {
         format!("/sys/fs/bpf/localdns-{}", self.tag)
     }
