@@ -28,11 +28,33 @@ pub const MAP_CACHE: &str = "LDNS_CACHE";
 pub const MAP_STATS: &str = "LDNS_STATS";
 /// Scratch map name (BTF per-CPU array, one [`Scratch`]).
 ///
-/// - purpose: room for the lower-cased qname (the 512-byte BPF stack cannot
-///   hold it next to everything else)
+/// - purpose: room for the query bytes a reply overwrites, so a reply
+///   abandoned half-way (generation mismatch) can be undone exactly (the
+///   512-byte BPF stack cannot hold them)
 /// - key: `u32` 0; value: [`Scratch`]; writer and reader: the program itself
 /// - capacity: 1 per CPU; eviction: none
 pub const MAP_SCRATCH: &str = "LDNS_SCRATCH";
+
+/// Metadata map name (BTF array, one [`Meta`]).
+///
+/// - purpose: what a starting daemon needs to adopt the pinned maps of an
+///   earlier instance: the layout version of the maps and the hash seed
+///   their keys were computed with
+/// - key: `u32` 0; value: [`Meta`]
+/// - writer: the daemon that created the maps (once); reader: every later
+///   daemon (adoption) and `localdns-user cache ...`; the program never
+///   reads it (the seed reaches it as a load-time constant)
+/// - capacity: 1; eviction: none
+pub const MAP_META: &str = "LDNS_META";
+
+/// Version of everything pinned maps share between a running program and a
+/// daemon: key/value layouts, counter indices, key semantics, the hash.
+/// A daemon adopts pinned maps only when their [`Meta::layout`] equals
+/// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
+/// the program on the existing links all the same.
+pub const LAYOUT_VERSION: u32 = 2;
+/// [`Meta::magic`]: "localdns" in ASCII.
+pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
 /// Query-log ring buffer name (BTF ring buffer of [`LogEvent`]).
 ///
@@ -52,9 +74,26 @@ pub const LOG_RING_BYTES: u32 = 256 * 1024;
 pub const GLOBAL_LISTEN_VNET: &str = "LDNS_LISTEN_VNET";
 /// Global with the kube listener address, same encoding as the vnet one.
 pub const GLOBAL_LISTEN_KUBE: &str = "LDNS_LISTEN_KUBE";
-/// Global with the 64-bit seed of [`qname_hash`]; chosen by the daemon at
-/// load time so remote clients cannot aim collisions at the fast path.
+/// Global with the 64-bit seed of [`qname_hash`]; chosen by the daemon that
+/// creates the cache map, so remote clients cannot aim collisions at the
+/// fast path, and kept in [`Meta::seed`] for the daemons that adopt it.
 pub const GLOBAL_HASH_SEED: &str = "LDNS_HASH_SEED";
+/// Global (test builds of the table only; 0 in production, where the
+/// verifier removes every branch on it): makes the program fail at one
+/// step after its first write, so the tests can show that such a packet is
+/// dropped (or, for a generation mismatch, restored and passed), never
+/// passed half-rewritten. One of the `FAULT_*` values.
+pub const GLOBAL_FAULT: &str = "LDNS_FAULT";
+/// [`GLOBAL_FAULT`]: no fault (production).
+pub const FAULT_NONE: u32 = 0;
+/// Fail right after the frame was resized.
+pub const FAULT_AFTER_RESIZE: u32 = 1;
+/// Fail after the tail was copied into the frame.
+pub const FAULT_AFTER_COPY: u32 = 2;
+/// Act as if the entry's generation changed during the copy.
+pub const FAULT_RACE: u32 = 3;
+/// Like [`FAULT_RACE`], and the undo fails too.
+pub const FAULT_RACE_NO_UNDO: u32 = 4;
 
 /// Default capacity of [`MAP_CACHE`] (entries). ~1 KiB per entry.
 pub const CACHE_MAP_ENTRIES: u32 = 16384;
@@ -101,8 +140,11 @@ pub struct CacheKey {
 }
 const _: () = assert!(core::mem::size_of::<CacheKey>() == 16);
 
-/// Bytes of [`CacheValue::data`]: the longest qname plus the largest tail.
-pub const DATA_LEN: usize = MAX_QNAME + 1 + MAX_TAIL;
+/// Bytes of [`CacheValue::data`]: the longest qname plus the largest tail,
+/// plus 8 spare bytes: the program masks offsets (name length `& 0xff`,
+/// tail offsets `& (MAX_TAIL - 1)`) so the verifier sees them bounded, and
+/// a word read at the largest masked offset must stay inside the value.
+pub const DATA_LEN: usize = MAX_QNAME + 1 + MAX_TAIL + 8;
 
 /// Value of [`MAP_CACHE`]: a response's wire image minus what the kernel
 /// takes from the query (ID, RD bit, question bytes as sent), plus what it
@@ -112,12 +154,19 @@ pub const DATA_LEN: usize = MAX_QNAME + 1 + MAX_TAIL;
 /// the query's question bytes + the tail with every TTL field at
 /// `ttl_off[..ttl_count]` set to `ttl - elapsed_seconds`.
 ///
-/// Layout is for the cache: a hit reads the 112-byte header block and then
+/// Layout is for the cache: a hit reads the 120-byte header block and then
 /// `data` from its start (qname, then the tail right behind it), so a
 /// typical entry costs three or four cache lines, not one per field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct CacheValue {
+    /// Generation: a number the daemon never writes twice (strictly
+    /// increasing, from `CLOCK_MONOTONIC`). First in the value so a copy
+    /// into a reused element changes it before the rest. The program reads
+    /// it before and after copying the entry into a reply; a difference
+    /// means the element was reused meanwhile (preallocated elements are
+    /// recycled at once) and the reply is abandoned.
+    pub generation: u64,
     /// `CLOCK_MONOTONIC` nanoseconds at insertion (= `bpf_ktime_get_ns`).
     pub insert_ns: u64,
     /// `CLOCK_MONOTONIC` nanoseconds from which the entry is not served.
@@ -154,12 +203,14 @@ pub struct CacheValue {
     /// authority and additional sections (OPT included) as sent. Zero after.
     pub data: [u8; DATA_LEN],
 }
-const _: () = assert!(core::mem::size_of::<CacheValue>() == 880);
-const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 112);
+const _: () = assert!(core::mem::size_of::<CacheValue>() == 896);
+const _: () = assert!(core::mem::offset_of!(CacheValue, generation) == 0);
+const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 120);
 
 impl CacheValue {
     pub const fn zeroed() -> Self {
         Self {
+            generation: 0,
             insert_ns: 0,
             expire_ns: 0,
             ttl: 0,
@@ -218,14 +269,43 @@ pub struct LogEvent {
 }
 const _: () = assert!(core::mem::size_of::<LogEvent>() == 288);
 
-/// Value of [`MAP_SCRATCH`]: 8 spare bytes past the longest qname so the
-/// program can treat it as whole 64-bit words.
+/// Most query bytes after the question the program saves for an undo
+/// (the OPT record and any link-layer padding).
+pub const SAVE_MAX: usize = 512;
+
+/// Value of [`MAP_SCRATCH`].
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Scratch {
-    pub qname: [u8; MAX_QNAME + 1 + 8],
+    /// The query's qname, lower-cased, in 8-byte words with the bytes past
+    /// the name zeroed: hashed and compared with the entry's name without
+    /// touching the packet again.
+    pub qname: [u8; MAX_QNAME + 1],
+    /// The query bytes from the end of the question to the end of the
+    /// frame, saved before the reply overwrites them.
+    pub saved: [u8; SAVE_MAX],
+    /// A value passed through memory the verifier does not track, so every
+    /// path after a variable-length loop continues with the same bounds
+    /// and the verifier can prune (the qname length, for one).
+    pub launder: u64,
 }
-const _: () = assert!(core::mem::size_of::<Scratch>() == 264);
+const _: () = assert!(core::mem::size_of::<Scratch>() == 776);
+
+/// Value of [`MAP_META`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// [`META_MAGIC`].
+    pub magic: u64,
+    /// [`LAYOUT_VERSION`] of the daemon that created the maps.
+    pub layout: u32,
+    pub _pad: u32,
+    /// [`qname_hash`] seed of every key in the cache map.
+    pub seed: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds when the maps were created.
+    pub created_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Meta>() == 32);
 
 // Counter indices of MAP_STATS.
 /// Reply built and sent by the kernel.
@@ -248,12 +328,18 @@ pub const STAT_PASS_EDNS: u32 = 7;
 pub const STAT_PASS_COLLISION: u32 = 8;
 /// Reply larger than the client accepts.
 pub const STAT_PASS_SIZE: u32 = 9;
-/// A helper failed (resize, store); packet passed untouched or as before.
+/// Entry inconsistent, or the frame could not be resized; passed untouched.
 pub const STAT_PASS_ERROR: u32 = 10;
 /// Query-log event lost because the ring buffer was full (reply still sent).
 pub const STAT_LOG_DROPPED: u32 = 11;
+/// The entry changed while it was copied into the reply (generation
+/// mismatch); the query bytes were restored exactly and passed on.
+pub const STAT_PASS_RACE: u32 = 12;
+/// Something failed after the first write to the packet: dropped, never
+/// passed half-rewritten.
+pub const STAT_DROP_ERROR: u32 = 13;
 /// Number of counters.
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 14;
 
 /// Counter names, indexed by `STAT_*`, for `cache stats` and metrics.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -269,6 +355,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_size",
     "pass_error",
     "log_dropped",
+    "pass_race",
+    "drop_error",
 ];
 
 const HASH_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -325,6 +413,7 @@ mod pod {
     unsafe impl aya::Pod for super::CacheKey {}
     unsafe impl aya::Pod for super::CacheValue {}
     unsafe impl aya::Pod for super::LogEvent {}
+    unsafe impl aya::Pod for super::Meta {}
 }
 
 #[cfg(test)]

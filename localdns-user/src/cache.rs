@@ -1,17 +1,13 @@
 //! The answer cache. An [`Entry`] is built once from an upstream reply and
-//! rendered per query exactly as the kernel renders the same entry from its
-//! [`CacheValue`]: header flags from the upstream reply with the client's ID
-//! and RD bit, the client's question bytes, then the stored records with
-//! every TTL set to the entry TTL minus whole seconds elapsed (CoreDNS
-//! style). Daemon and kernel answers are therefore byte-identical.
+//! rendered per query exactly as the kernel renders its copy of the same
+//! entry: header flags from the upstream reply with the client's ID and RD
+//! bit, the client's question bytes, then the stored records with every TTL
+//! set to the entry TTL minus whole seconds elapsed (CoreDNS style). Daemon
+//! and kernel answers are therefore byte-identical.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use localdns_common::{
-    CacheKey, CacheValue, KEY_F_EDNS, MAX_QNAME, MAX_TAIL, MAX_TTLS, PLAIN_UDP_MAX, csum_fold,
-    qname_hash,
-};
 use thiserror::Error;
 
 use crate::wire::{
@@ -40,8 +36,8 @@ pub fn mono_ns() -> u64 {
 
 const NS: u64 = 1_000_000_000;
 
-/// Userspace cache key: the same fields as the kernel's [`CacheKey`], with
-/// the name itself instead of its hash.
+/// Cache key: view, flags (DO, CD, EDNS), type, class and the lower-cased
+/// name (the kernel keys on a hash of it).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
     pub view: u8,
@@ -59,18 +55,6 @@ impl Key {
             qtype: q.qtype,
             qclass: q.qclass,
             qname: q.qname_lower.clone().into_boxed_slice(),
-        }
-    }
-
-    pub fn bpf(&self, seed: u64) -> CacheKey {
-        CacheKey {
-            qname_hash: qname_hash(seed, &self.qname),
-            qtype: self.qtype,
-            qclass: self.qclass,
-            qname_len: self.qname.len() as u8,
-            view: self.view,
-            flags: self.flags,
-            _pad: 0,
         }
     }
 }
@@ -216,80 +200,6 @@ impl Entry {
         }
         Some(m)
     }
-
-    /// The kernel's copy of this entry, or why the kernel cannot serve it.
-    pub fn to_bpf(&self, key: &Key) -> Result<CacheValue, CacheError> {
-        if self.tail.is_empty() || self.tail.len() > MAX_TAIL {
-            return Err(CacheError::NotCacheable {
-                why: "reply too large for the kernel",
-            });
-        }
-        if self.ttl_offsets.len() > MAX_TTLS {
-            return Err(CacheError::NotCacheable {
-                why: "too many records for the kernel",
-            });
-        }
-        let qlen = self.qname.len();
-        if qlen > MAX_QNAME {
-            return Err(CacheError::NotCacheable {
-                why: "name too long",
-            });
-        }
-        let reply_len = HEADER_LEN + qlen + 4 + self.tail.len();
-        if key.flags & KEY_F_EDNS == 0 && reply_len > PLAIN_UDP_MAX as usize {
-            return Err(CacheError::NotCacheable {
-                why: "reply over 512 bytes without EDNS",
-            });
-        }
-        let mut v = CacheValue::zeroed();
-        v.insert_ns = self.insert_ns;
-        v.expire_ns = self.expire_ns;
-        v.ttl = self.ttl;
-        v.flags_be = u16::from_ne_bytes(self.flags.to_be_bytes());
-        for (i, c) in self.counts.iter().enumerate() {
-            v.counts_be[i] = u16::from_ne_bytes(c.to_be_bytes());
-        }
-        v.tail_len = self.tail.len() as u16;
-        v.ttl_count = self.ttl_offsets.len() as u16;
-        let tail_at = HEADER_LEN + qlen + 4;
-        for (i, &o) in self.ttl_offsets.iter().enumerate() {
-            v.ttl_off[i] = o;
-            if (tail_at + o as usize).is_multiple_of(2) {
-                v.ttl_even += 1;
-            } else {
-                v.ttl_odd += 1;
-            }
-        }
-        v.qname_len = qlen as u16;
-        v.data[..qlen].copy_from_slice(&self.qname);
-        v.data[qlen..qlen + self.tail.len()].copy_from_slice(&self.tail);
-        // Checksum of the reply payload with ID, flags, question and TTLs
-        // zeroed: the kernel adds those per query.
-        let mut img = vec![0u8; tail_at];
-        for (i, c) in self.counts.iter().enumerate() {
-            img[4 + 2 * i..6 + 2 * i].copy_from_slice(&c.to_be_bytes());
-        }
-        img.extend_from_slice(&self.tail);
-        for &o in &self.ttl_offsets {
-            let o = tail_at + o as usize;
-            img[o..o + 4].fill(0);
-        }
-        v.csum_partial = u32::from(csum_fold(ones_sum(&img)));
-        Ok(v)
-    }
-}
-
-/// One's-complement sum (unfolded) of `b` as native-loaded 16-bit words.
-pub fn ones_sum(b: &[u8]) -> u64 {
-    let mut s = 0u64;
-    let mut chunks = b.chunks_exact(2);
-    for c in &mut chunks {
-        s += u64::from(u16::from_ne_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        s += u64::from(u16::from_ne_bytes([*last, 0]));
-    }
-    s
 }
 
 /// Lock shards of the userspace cache: queries on different names rarely
@@ -420,12 +330,12 @@ impl Cache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wire::{parse_query, testmsg::query};
 
     /// An upstream reply to `q`: `answers` A records of TTL `ttl` each.
-    fn reply_a(qraw: &[u8], answers: &[(u32, [u8; 4])], edns: bool) -> Vec<u8> {
+    pub(crate) fn reply_a(qraw: &[u8], answers: &[(u32, [u8; 4])]) -> Vec<u8> {
         let q = parse_query(qraw).unwrap();
         let mut m = wire::upstream_query(&q, 0x4242);
         m[2] = 0x81;
@@ -440,9 +350,6 @@ mod tests {
             rrs.extend_from_slice(ip);
         }
         m.splice(ar_at..ar_at, rrs);
-        if edns && q.edns.is_none() {
-            panic!("test misuse");
-        }
         m
     }
 
@@ -450,7 +357,7 @@ mod tests {
     fn render_copies_id_question_case_rd_and_counts_ttl_down() {
         let raw = query("WWW.example.test", 1, Some((1232, false)));
         let q = parse_query(&raw).unwrap();
-        let resp = reply_a(&raw, &[(300, [192, 0, 2, 1]), (100, [192, 0, 2, 2])], true);
+        let resp = reply_a(&raw, &[(300, [192, 0, 2, 1]), (100, [192, 0, 2, 2])]);
         let now = 1_000 * NS;
         let e = Entry::from_upstream(&q, &resp, 3600, 3600, now).unwrap();
         assert_eq!(e.ttl, 100, "minimum TTL of the answer");
@@ -541,7 +448,7 @@ mod tests {
     fn ttl_cap_never_extends() {
         let raw = query("a.test", 1, None);
         let q = parse_query(&raw).unwrap();
-        let resp = reply_a(&raw, &[(300, [1, 2, 3, 4])], false);
+        let resp = reply_a(&raw, &[(300, [1, 2, 3, 4])]);
         assert_eq!(Entry::from_upstream(&q, &resp, 30, 0, 0).unwrap().ttl, 30);
         assert_eq!(
             Entry::from_upstream(&q, &resp, 3600, 0, 0).unwrap().ttl,
@@ -553,10 +460,10 @@ mod tests {
     fn uncacheable_replies() {
         let raw = query("a.test", 1, None);
         let q = parse_query(&raw).unwrap();
-        let mut resp = reply_a(&raw, &[(300, [1, 2, 3, 4])], false);
+        let mut resp = reply_a(&raw, &[(300, [1, 2, 3, 4])]);
         resp[3] = 0x82; // SERVFAIL
         assert!(Entry::from_upstream(&q, &resp, 3600, 0, 0).is_err());
-        let mut resp = reply_a(&raw, &[], false);
+        let mut resp = reply_a(&raw, &[]);
         resp[3] = 0x83; // NXDOMAIN without SOA
         assert_eq!(
             Entry::from_upstream(&q, &resp, 3600, 0, 0).unwrap_err(),
@@ -564,10 +471,10 @@ mod tests {
                 why: "negative answer without SOA"
             }
         );
-        let mut resp = reply_a(&raw, &[(300, [1, 2, 3, 4])], false);
+        let mut resp = reply_a(&raw, &[(300, [1, 2, 3, 4])]);
         resp[2] |= 0x02; // TC
         assert!(Entry::from_upstream(&q, &resp, 3600, 0, 0).is_err());
-        let resp = reply_a(&raw, &[(0, [1, 2, 3, 4])], false);
+        let resp = reply_a(&raw, &[(0, [1, 2, 3, 4])]);
         assert!(Entry::from_upstream(&q, &resp, 3600, 0, 0).is_err());
     }
 
@@ -576,36 +483,8 @@ mod tests {
         let raw = query("a.test", 1, None);
         let q = parse_query(&raw).unwrap();
         let recs: Vec<_> = (0..40).map(|i| (60, [10, 0, 0, i as u8])).collect();
-        let resp = reply_a(&raw, &recs, false);
+        let resp = reply_a(&raw, &recs);
         let e = Entry::from_upstream(&q, &resp, 3600, 0, 0).unwrap();
         assert!(e.render(&raw, &q, 0, 512).is_none());
-        assert!(
-            e.to_bpf(&Key::of(0, &q)).is_err(),
-            "over 512 without EDNS, too many TTLs"
-        );
-    }
-
-    #[test]
-    fn bpf_value_checksum_matches_full_computation() {
-        // The kernel adds ID, flags, question and TTLs to csum_partial; do
-        // the same here and compare with a checksum over the rendered reply.
-        for name in ["a.test", "ab.test", "Mixed.Case.example"] {
-            let raw = query(name, 1, Some((1232, true)));
-            let q = parse_query(&raw).unwrap();
-            let resp = reply_a(&raw, &[(300, [1, 2, 3, 4]), (77, [5, 6, 7, 8])], true);
-            let e = Entry::from_upstream(&q, &resp, 3600, 0, 0).unwrap();
-            let v = e.to_bpf(&Key::of(0, &q)).unwrap();
-            let out = e.render(&raw, &q, 0, 4096).unwrap();
-            let mut z = out.clone();
-            z[0..4].fill(0);
-            z[12..q.question_end].fill(0);
-            let tail_at = q.question_end;
-            for &o in &e.ttl_offsets {
-                let o = tail_at + o as usize;
-                z[o..o + 4].fill(0);
-            }
-            assert_eq!(u32::from(csum_fold(ones_sum(&z))), v.csum_partial, "{name}");
-            assert_eq!(v.ttl_even + v.ttl_odd, 2);
-        }
     }
 }

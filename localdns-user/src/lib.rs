@@ -1,9 +1,11 @@
 //! localdns daemon library: everything `localdns-user` does, in modules the
 //! integration tests can use directly.
+pub mod addrs;
 pub mod cache;
 pub mod config;
 pub mod fastpath;
 pub mod forward;
+pub mod ifaces;
 pub mod listen;
 pub mod metrics;
 pub mod resolver;

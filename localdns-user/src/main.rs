@@ -9,10 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use localdns_common::{CacheKey, CacheValue, KEY_F_CD, KEY_F_DO, KEY_F_EDNS, VIEW_KUBE, VIEW_VNET};
+use localdns_user::addrs;
 use localdns_user::cache::mono_ns;
 use localdns_user::config::{self, Mode};
-use localdns_user::fastpath::{self, AttachMode, Fastpath};
-use localdns_user::listen::{self, ListenerAddrs};
+use localdns_user::fastpath::attach::Change;
+use localdns_user::fastpath::pins::PinDir;
+use localdns_user::fastpath::{self, AttachMode, Fastpath, Origin};
+use localdns_user::ifaces::{self, Patterns};
+use localdns_user::listen::{self, Ctx, InFlight};
 use localdns_user::metrics::{self, Health};
 use localdns_user::resolver::{LogFields, Resolver, Transport, log_line, type_name};
 use localdns_user::wire::name_to_text;
@@ -23,7 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
     version,
     about = "Node-local DNS cache with an in-kernel (XDP/TC) fast path, configured by AKS localdnsconfig.json"
 )]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -34,6 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon (the default).
+    #[command(args_override_self = true)]
     Run(RunArgs),
     /// Validate a localdnsconfig.json: exit 0 when the daemon would start.
     CheckConfig { file: PathBuf },
@@ -51,6 +56,13 @@ enum Cmd {
         #[arg(long, default_value = "10.0.0.10")]
         cluster_dns: String,
     },
+    /// Remove everything any earlier run left in the kernel: links (the
+    /// fast path on every interface), programs, pinned maps, the listener
+    /// addresses and the `localdns` device. Stop the daemon first.
+    Teardown {
+        #[arg(long, default_value = "/sys/fs/bpf/localdns")]
+        pin_path: PathBuf,
+    },
     /// Inspect the running instance's pinned kernel maps.
     Cache {
         #[command(subcommand)]
@@ -58,6 +70,13 @@ enum Cmd {
         #[arg(long, global = true, default_value = "/sys/fs/bpf/localdns")]
         pin_path: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum FastpathMode {
+    Auto,
+    Required,
+    Off,
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -99,7 +118,12 @@ struct RunArgs {
     health: String,
     #[arg(long, default_value = "/sys/fs/bpf/localdns")]
     pin_path: PathBuf,
-    /// Serve from userspace only (for comparison).
+    /// The kernel fast path: `auto` runs userspace-only (with an error line
+    /// and `localdns_kernel_fastpath_up 0`) when the program cannot load;
+    /// `required` makes that fatal; `off` never loads it.
+    #[arg(long, value_enum, default_value = "auto")]
+    fastpath: FastpathMode,
+    /// Same as `--fastpath off` (userspace only, for comparison).
     #[arg(long)]
     no_fastpath: bool,
     /// Capacity of the kernel cache map.
@@ -115,6 +139,10 @@ fn main() -> Result<()> {
     match cli.cmd {
         Some(Cmd::CheckConfig { file }) => check_config(&file),
         Some(Cmd::Cache { op, pin_path }) => cache_cmd(op, &pin_path),
+        Some(Cmd::Teardown { pin_path }) => {
+            init_logging(false);
+            runtime()?.block_on(teardown(&pin_path))
+        }
         Some(Cmd::RenderCorefile {
             file,
             vnet_listen,
@@ -202,8 +230,8 @@ fn run(args: RunArgs) -> Result<()> {
         tracing::warn!("config: {w} (Preferred mode: using the default)");
     }
     if loaded.config.mode == Mode::Disabled {
-        disable_cleanup(&args);
-        return Ok(());
+        tracing::info!("mode Disabled: removing anything an earlier run left, then exiting");
+        return runtime()?.block_on(teardown(&args.pin_path));
     }
     let listen = [args.vnet_listen, args.kube_listen];
     let vnet: Vec<SocketAddr> = if args.vnet_dns.is_empty() {
@@ -224,10 +252,13 @@ fn run(args: RunArgs) -> Result<()> {
         .iter()
         .map(|s| parse_upstream(s))
         .collect::<Result<_>>()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(serve(args, loaded.config, vnet, cluster))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(serve(args, loaded.config, vnet, cluster))
+        .build()?)
 }
 
 async fn serve(
@@ -236,44 +267,56 @@ async fn serve(
     vnet: Vec<SocketAddr>,
     cluster: Vec<SocketAddr>,
 ) -> Result<()> {
-    let addrs = ListenerAddrs::setup(&[args.vnet_listen, args.kube_listen])?;
-    tracing::info!(device = %addrs.device, "listener addresses ready");
+    let nl = ifaces::connect()?;
+    let lst = addrs::ensure(&nl, &[args.vnet_listen, args.kube_listen]).await?;
+    tracing::info!(device = %lst.device, added = ?lst.added, "listener addresses ready");
+    listen::enable_tcp_migration();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (vu, vt) = listen::bind(SocketAddr::new(args.vnet_listen.into(), 53), cores).await?;
-    let (ku, kt) = listen::bind(SocketAddr::new(args.kube_listen.into(), 53), cores).await?;
-    let fastpath = if args.no_fastpath {
-        None
-    } else {
-        let mut ifaces = fastpath::expand_ifaces(&args.ifaces)?;
-        if !ifaces.iter().any(|i| i == "lo") {
-            ifaces.push("lo".into());
-        }
-        let fp = Fastpath::start(
-            args.vnet_listen,
-            args.kube_listen,
-            &ifaces,
-            args.attach_mode,
-            &args.pin_path,
-            args.fastpath_entries,
-        )?;
-        for (iface, how) in &fp.attached {
-            tracing::info!(%iface, mode = how, "fast path attached");
-        }
-        Some(Arc::new(fp))
-    };
+    let (vu, vt) = listen::bind(SocketAddr::new(args.vnet_listen.into(), 53), cores)?;
+    let (ku, kt) = listen::bind(SocketAddr::new(args.kube_listen.into(), 53), cores)?;
+    let patterns = Patterns::new(&args.ifaces)?;
+    let fastpath = start_fastpath(&args)?;
     let res = Resolver::new(&cfg, &vnet, &cluster, fastpath.clone());
+    if let Some(fp) = &fastpath {
+        if fp.origin == Origin::Adopted {
+            let (kept, dropped) = res.adopt(fp.entries());
+            tracing::info!(
+                kept,
+                dropped,
+                "adopted the kernel cache of an earlier instance"
+            );
+        }
+        let all = ifaces::list(&nl).await?;
+        for p in patterns.unmatched(&all) {
+            tracing::warn!(
+                pattern = p,
+                "--iface matches no interface yet; it gets the fast path when one appears"
+            );
+        }
+        log_changes(&fp.reconcile(&patterns.select(&all)));
+    }
     let health = Arc::new(Health {
         ready: false.into(),
     });
-    let mut tasks = vec![
-        tokio::spawn(listen::serve_tcp(vt, VIEW_VNET, res.clone())),
-        tokio::spawn(listen::serve_tcp(kt, VIEW_KUBE, res.clone())),
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let inflight = Arc::new(InFlight::default());
+    let ctx = Ctx {
+        res: res.clone(),
+        stop: stop_rx,
+        inflight: inflight.clone(),
+    };
+    // Serving tasks finish by themselves once stopped (draining); the
+    // others are aborted.
+    let mut serving = vec![
+        tokio::spawn(listen::serve_tcp(vt, VIEW_VNET, ctx.clone())),
+        tokio::spawn(listen::serve_tcp(kt, VIEW_KUBE, ctx.clone())),
     ];
     for (socks, view) in [(vu, VIEW_VNET), (ku, VIEW_KUBE)] {
         for s in socks {
-            tasks.push(tokio::spawn(listen::serve_udp(s, view, res.clone())));
+            serving.push(tokio::spawn(listen::serve_udp(s, view, ctx.clone())));
         }
     }
+    let mut tasks = Vec::new();
     for a in [listen_addr(&args.metrics)?, listen_addr(&args.health)?]
         .into_iter()
         .flatten()
@@ -284,10 +327,15 @@ async fn serve(
         }
     }
     if let Some(fp) = &fastpath {
-        let fp = fp.clone();
+        let fp2 = fp.clone();
         tasks.push(tokio::spawn(
-            async move { fp.drain_log(log_kernel_hit).await },
+            async move { fp2.drain_log(log_kernel_hit).await },
         ));
+        tasks.push(tokio::spawn(follow_interfaces(
+            nl.clone(),
+            fp.clone(),
+            patterns,
+        )));
     }
     let sweeper = res.clone();
     tasks.push(tokio::spawn(async move {
@@ -313,13 +361,118 @@ async fn serve(
             _ = hup.recv() => reload(&args, &res),
         }
     }
-    tracing::info!("shutting down: detaching the fast path and removing listener addresses");
+    // Hand over: stop taking queries (a successor bound to the same
+    // addresses gets them all from now on), answer what was already
+    // received, leave the kernel fast path and the addresses in place.
+    tracing::info!(
+        "stopping: leaving the listeners to any successor, answering queries in flight; the kernel fast path stays"
+    );
+    health.ready.store(false, Ordering::Relaxed);
     for t in &tasks {
         t.abort();
     }
-    drop(res);
-    drop(fastpath);
-    drop(addrs);
+    let _ = stop_tx.send(true);
+    for t in serving {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let idle = inflight.wait_idle(Duration::from_secs(4)).await;
+    tracing::info!(in_flight_left = inflight.count(), drained = idle, "stopped");
+    Ok(())
+}
+
+/// Loads the fast path as `--fastpath` says: `auto` carries on without it
+/// (userspace only) when the kernel refuses it.
+fn start_fastpath(args: &RunArgs) -> Result<Option<Arc<Fastpath>>> {
+    if args.no_fastpath || args.fastpath == FastpathMode::Off {
+        return Ok(None);
+    }
+    let o = fastpath::Options {
+        vnet: args.vnet_listen,
+        kube: args.kube_listen,
+        pin_dir: args.pin_path.clone(),
+        entries: args.fastpath_entries,
+        mode: args.attach_mode,
+    };
+    match Fastpath::start(&o) {
+        Ok(fp) => {
+            match &fp.origin {
+                Origin::Adopted => {
+                    tracing::info!(pin_path = %o.pin_dir.display(), "adopted the pinned kernel maps")
+                }
+                Origin::Fresh(Some(why)) => {
+                    tracing::info!(pin_path = %o.pin_dir.display(), %why, "pinned maps not adoptable: new maps (cold kernel cache)")
+                }
+                Origin::Fresh(None) => {}
+            }
+            Ok(Some(Arc::new(fp)))
+        }
+        Err(e) if args.fastpath == FastpathMode::Auto => {
+            tracing::error!(error = %e, "kernel fast path unavailable: serving from userspace only (--fastpath required makes this fatal)");
+            Ok(None)
+        }
+        Err(e) => Err(e).context("--fastpath required"),
+    }
+}
+
+/// Keeps the fast path on every interface the patterns select, as
+/// interfaces appear and disappear (pods come and go).
+async fn follow_interfaces(nl: rtnetlink::Handle, fp: Arc<Fastpath>, patterns: Patterns) {
+    let mut events = match ifaces::watch() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch interfaces: re-checking every 10 s instead");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        match &mut events {
+            Some(rx) => tokio::select! {
+                ev = rx.recv() => if ev.is_none() { events = None; },
+                _ = tick.tick() => {}
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
+        match ifaces::list(&nl).await {
+            Ok(all) => log_changes(&fp.reconcile(&patterns.select(&all))),
+            Err(e) => tracing::warn!(error = %e, "listing interfaces failed"),
+        }
+    }
+}
+
+fn log_changes(changes: &[Change]) {
+    for c in changes {
+        match c {
+            Change::Attached {
+                iface,
+                how,
+                adopted,
+            } => tracing::info!(%iface, mode = how.name(), adopted, "fast path attached"),
+            Change::Detached { iface } => tracing::info!(%iface, "fast path detached"),
+            Change::Failed { iface, error } => {
+                tracing::warn!(%iface, %error, "fast path not attached")
+            }
+        }
+    }
+}
+
+/// `teardown` and mode Disabled: remove what any earlier run left.
+async fn teardown(pin_path: &Path) -> Result<()> {
+    let nl = ifaces::connect()?;
+    let all = ifaces::list(&nl).await?;
+    let filters = fastpath::attach::detach_netlink_tc(&all);
+    let pins = PinDir::new(pin_path).remove_all();
+    let addrs = addrs::remove(&nl).await?;
+    tracing::info!(
+        pins,
+        netlink_tc_filters = filters,
+        removed = ?addrs,
+        pin_path = %pin_path.display(),
+        "teardown done"
+    );
     Ok(())
 }
 
@@ -372,22 +525,6 @@ fn reload(args: &RunArgs, res: &Resolver) {
         }
         Err(e) => tracing::error!("reload failed, still running on the previous config: {e}"),
     }
-}
-
-/// mode Disabled: take over nothing and remove what an earlier run left.
-fn disable_cleanup(args: &RunArgs) {
-    tracing::info!("mode Disabled: removing anything an earlier run left, then exiting");
-    let _ = std::fs::remove_dir_all(&args.pin_path);
-    for a in [args.vnet_listen, args.kube_listen] {
-        for dev in ["localdns", "lo"] {
-            let _ = std::process::Command::new("ip")
-                .args(["addr", "del", &format!("{a}/32"), "dev", dev])
-                .output();
-        }
-    }
-    let _ = std::process::Command::new("ip")
-        .args(["link", "del", "localdns"])
-        .output();
 }
 
 fn init_logging(json: bool) {

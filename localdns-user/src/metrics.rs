@@ -37,6 +37,11 @@ pub fn render(res: &Resolver) -> String {
         "# TYPE localdns_cache_entries gauge\nlocaldns_cache_entries {}",
         res.cache.len()
     );
+    let _ = writeln!(
+        s,
+        "# TYPE localdns_kernel_fastpath_up gauge\nlocaldns_kernel_fastpath_up {}",
+        u8::from(res.fastpath.is_some())
+    );
     if let Some(fp) = &res.fastpath {
         let _ = writeln!(s, "# TYPE localdns_kernel_packets_total counter");
         for (name, v) in fp.stats() {

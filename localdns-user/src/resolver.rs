@@ -115,6 +115,37 @@ impl Resolver {
         gone.len()
     }
 
+    /// Rebuilds the cache from the kernel map of an earlier instance so
+    /// both agree. Each entry is judged by today's zone settings: one whose
+    /// TTL exceeds its zone's cap is dropped (from the kernel too); the
+    /// others are kept with the zone's stale window and rewritten to the
+    /// kernel with its query-log flag. Returns (kept, dropped).
+    pub fn adopt(&self, entries: Vec<(Key, Entry)>) -> (usize, usize) {
+        let views = self.views();
+        let (mut kept, mut dropped) = (0, 0);
+        for (key, mut e) in entries {
+            let s = &find_zone(&views, key.view, &key.qname).zone.settings;
+            if e.ttl > s.cache_secs {
+                if let Some(fp) = &self.fastpath {
+                    fp.remove(&key);
+                }
+                dropped += 1;
+                continue;
+            }
+            e.stale_until_ns = e.expire_ns + u64::from(s.stale_secs) * 1_000_000_000;
+            if let Some(fp) = &self.fastpath {
+                fp.put(&key, &e, s.query_logging == QueryLogging::Log);
+            }
+            for gone in self.cache.insert(key, Arc::new(e)) {
+                if let Some(fp) = &self.fastpath {
+                    fp.remove(&gone);
+                }
+            }
+            kept += 1;
+        }
+        (kept, dropped)
+    }
+
     /// Answers a query. `None`: drop it (not a query, or too short to say
     /// anything back).
     pub async fn handle(

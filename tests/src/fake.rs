@@ -51,7 +51,8 @@ pub struct FakeUpstream {
     threads: Vec<JoinHandle<()>>,
 }
 
-fn enter_netns(name: &str) {
+/// Moves the calling thread (only) into network namespace `name`.
+pub fn enter_netns(name: &str) {
     let f = std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file");
     // SAFETY: setns on a valid namespace fd; affects this thread only.
     let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };

@@ -3,6 +3,7 @@
 //! and always tear down network namespaces and processes.
 
 pub mod fake;
+pub mod load;
 pub mod netns;
 pub mod topo;
 

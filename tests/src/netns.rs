@@ -85,6 +85,31 @@ impl Drop for Netns {
     }
 }
 
+/// Joins `other` to `node` by a veth (`host_if` on the node, `eth0` in
+/// `other`) on `<prefix>.0/<len>`: node `.1`, other `.2`, whose default
+/// route is the node.
+pub fn join(node: &Netns, host_if: &str, other: &Netns, prefix: &str, len: u8) {
+    ip(&[
+        "link",
+        "add",
+        host_if,
+        "netns",
+        &node.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &other.name,
+    ]);
+    node.ip(&["addr", "add", &format!("{prefix}.1/{len}"), "dev", host_if]);
+    node.ip(&["link", "set", host_if, "up"]);
+    other.ip(&["addr", "add", &format!("{prefix}.2/{len}"), "dev", "eth0"]);
+    other.ip(&["link", "set", "eth0", "up"]);
+    other.ip(&["route", "add", "default", "via", &format!("{prefix}.1")]);
+}
+
 /// A child process, stopped (SIGCONT, SIGTERM, then SIGKILL) on drop.
 pub struct Proc {
     pub child: Child,
@@ -162,6 +187,30 @@ impl Drop for TempDir {
         if std::env::var_os("LOCALDNS_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.path);
         }
+    }
+}
+
+/// A bpffs of its own, mounted in the host's mount namespace: pins in it
+/// outlive daemons started with `ip netns exec` (which gives each process
+/// a private /sys), as they do under systemd or a DaemonSet's hostPath
+/// mount. Unmounted on drop, which unpins (and so detaches and frees)
+/// whatever a test left, even when it failed.
+pub struct BpfFs {
+    pub path: PathBuf,
+}
+
+impl BpfFs {
+    pub fn new(path: PathBuf) -> BpfFs {
+        std::fs::create_dir_all(&path).expect("bpffs mount point");
+        run_ok(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path));
+        BpfFs { path }
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).output();
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::netns::{Netns, Proc, TempDir, start_nsd, unique_tag, wait_for};
+use crate::netns::{BpfFs, Netns, Proc, TempDir, join, start_nsd, unique_tag, wait_for};
 
 pub const VNET: &str = "169.254.10.10";
 pub const KUBE: &str = "169.254.10.11";
@@ -22,6 +22,7 @@ ns IN A 192.0.2.53
 www IN A 192.0.2.10
 www IN AAAA 2001:db8::10
 alias IN CNAME www
+*.fresh IN A 192.0.2.77
 ";
 
 const CLUSTER_ZONE: &str = "$ORIGIN cluster.local.
@@ -54,6 +55,8 @@ pub struct Topo {
     pub pod: Netns,
     pub node: Netns,
     pub upstream: Netns,
+    /// The node's bpffs (pins survive daemon restarts; unmounted last).
+    pub bpffs: BpfFs,
     pub dir: TempDir,
     pub tag: String,
 }
@@ -71,43 +74,19 @@ impl Topo {
         );
         let tag = unique_tag();
         let dir = TempDir::new(&tag);
+        let bpffs = BpfFs::new(dir.path.join("bpffs"));
         let node = Netns::new(format!("{tag}-node"));
         let pod = Netns::new(format!("{tag}-pod"));
         let upstream = Netns::new(format!("{tag}-up"));
-        crate::netns::ip(&[
-            "link", "add", "vpod0", "netns", &node.name, "type", "veth", "peer", "name", "eth0",
-            "netns", &pod.name,
-        ]);
-        crate::netns::ip(&[
-            "link",
-            "add",
-            "vup0",
-            "netns",
-            &node.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &upstream.name,
-        ]);
-        node.ip(&["addr", "add", "169.254.100.1/30", "dev", "vpod0"]);
-        node.ip(&["addr", "add", "169.254.200.1/24", "dev", "vup0"]);
-        node.ip(&["link", "set", "vpod0", "up"]);
-        node.ip(&["link", "set", "vup0", "up"]);
-        pod.ip(&["addr", "add", "169.254.100.2/30", "dev", "eth0"]);
-        pod.ip(&["link", "set", "eth0", "up"]);
-        pod.ip(&["route", "add", "default", "via", "169.254.100.1"]);
-        upstream.ip(&["addr", "add", "169.254.200.2/24", "dev", "eth0"]);
-        upstream.ip(&["link", "set", "eth0", "up"]);
-        upstream.ip(&["route", "add", "default", "via", "169.254.200.1"]);
+        join(&node, "vpod0", &pod, "169.254.100", 30);
+        join(&node, "vup0", &upstream, "169.254.200", 24);
         let mut t = Topo {
             daemon: None,
             nsd: None,
             pod,
             node,
             upstream,
+            bpffs,
             dir,
             tag,
         };
@@ -120,7 +99,9 @@ impl Topo {
             ("example.test", EXAMPLE_ZONE),
             ("cluster.local", CLUSTER_ZONE),
         ];
-        let tuning = "  server-count: 1\n  tcp-count: 256\n";
+        // RRL off: Debian's default limits similar answers (one wildcard)
+        // to ~200/s per client network, which load tests exceed.
+        let tuning = "  server-count: 1\n  tcp-count: 256\n  rrl-ratelimit: 0\n";
         self.nsd = Some(start_nsd(
             &self.upstream,
             &self.dir.path,
@@ -129,6 +110,14 @@ impl Topo {
             tuning,
             "www.example.test",
         ));
+    }
+
+    /// A pod created now, joined to the node by a veth named `host_if` on
+    /// the node's side, in `169.254.<net>.0/30` (node .1, pod .2).
+    pub fn add_pod(&self, name: &str, host_if: &str, net: u8) -> Netns {
+        let pod = Netns::new(format!("{}-{name}", self.tag));
+        join(&self.node, host_if, &pod, &format!("169.254.{net}"), 30);
+        pod
     }
 
     /// Adds another address to the upstream netns (for fake upstreams).
@@ -145,11 +134,16 @@ impl Topo {
     }
 
     pub fn pin_path(&self) -> String {
-        format!("/sys/fs/bpf/localdns-{}", self.tag)
+        self.bpffs.path.join("localdns").display().to_string()
     }
 
     pub fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path.join("daemon.log")).unwrap_or_default()
+        self.log("daemon.log")
+    }
+
+    /// A log file of the test directory (daemon instances write their own).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path.join(name)).unwrap_or_default()
     }
 
     /// Starts `localdns-user` in the node netns with `extra` options and
@@ -162,25 +156,31 @@ impl Topo {
 
     /// Like [`Topo::start_daemon`] without the default (NSD) upstreams.
     pub fn start_daemon_raw(&mut self, extra: &[&str]) {
+        self.daemon = Some(self.spawn_daemon(extra, "daemon.log"));
+    }
+
+    /// Another daemon instance on this node (same pin path), logging to
+    /// `log`; returns once it is ready. For restarts and hand-overs.
+    pub fn spawn_daemon(&self, extra: &[&str], log: &str) -> Proc {
         let mut cmd = self.node.cmd(daemon_bin().to_str().unwrap());
         cmd.args(["--metrics", "none", "--health", "none"]);
         cmd.args(["--pin-path", &self.pin_path()]);
         cmd.args(extra);
         cmd.env("RUST_LOG", "info");
-        self.daemon = Some(Proc::spawn(
-            cmd,
-            "localdns-user",
-            &self.dir.path.join("daemon.log"),
-        ));
+        let mut d = Proc::spawn(cmd, "localdns-user", &self.dir.path.join(log));
         let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(d) = self.daemon.as_mut()
-                && let Ok(Some(st)) = d.child.try_wait()
-            {
-                panic!("daemon exited ({st}):\n{}", self.daemon_log());
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("daemon exited ({st}):\n{}", self.log(log));
             }
-            self.daemon_log().contains("localdns ready").then_some(())
+            self.log(log).contains("localdns ready").then_some(())
         });
-        assert!(ready.is_some(), "daemon not ready:\n{}", self.daemon_log());
+        assert!(ready.is_some(), "daemon not ready:\n{}", self.log(log));
+        d
+    }
+
+    /// The default upstream options of [`Topo::start_daemon`].
+    pub fn upstream_args() -> [&'static str; 4] {
+        ["--vnet-dns", UPSTREAM_IP, "--cluster-dns", UPSTREAM_IP]
     }
 
     /// `dig` from `ns` (pod or node); returns (status, answer lines).
@@ -224,16 +224,13 @@ impl Topo {
         self.dig_in(&self.pod, server, name, qtype)
     }
 
-    /// Kernel counters of the running daemon, via `localdns-user cache stats`
-    /// in the daemon's mount and network namespaces.
+    /// Kernel counters, via `localdns-user cache stats` on the node's pins
+    /// (with or without a daemon running).
     pub fn kernel_stat(&self, name: &str) -> u64 {
-        let pid = self.daemon.as_ref().expect("daemon running").pid();
-        let out = Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-m", "-n"])
-            .arg(daemon_bin())
+        let out = Command::new(daemon_bin())
             .args(["cache", "stats", "--pin-path", &self.pin_path()])
             .output()
-            .expect("nsenter");
+            .expect("cache stats");
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
             .find_map(|l| {

@@ -414,9 +414,9 @@ fn disabled_mode_cleans_up_after_a_killed_run() {
     let _ = d.child.wait();
     let addrs = t.node.sh_ok("ip", &["-o", "addr", "show"]);
     assert!(addrs.contains("169.254.10.10/32"), "{addrs}");
-    // The fast path goes with the process (bpf links die with their fd).
+    // The fast path outlives the process (pinned links).
     let link = t.node.sh_ok("ip", &["link", "show", "vpod0"]);
-    assert!(!link.contains("xdp"), "{link}");
+    assert!(link.contains("xdp"), "{link}");
     // mode Disabled removes what is left and exits 0.
     let path = t.dir.path.join("disabled.json");
     std::fs::write(&path, r#"{"localDNSProfile": {"mode": "Disabled"}}"#).unwrap();
@@ -432,5 +432,7 @@ fn disabled_mode_cleans_up_after_a_killed_run() {
     assert!(out.status.success(), "{out:?}");
     let addrs = t.node.sh_ok("ip", &["-o", "addr", "show"]);
     assert!(!addrs.contains("169.254.10.1"), "{addrs}");
+    let link = t.node.sh_ok("ip", &["link", "show", "vpod0"]);
+    assert!(!link.contains("xdp"), "{link}");
     assert_eq!(query(&t, "a.example.test").0, "TIMEOUT");
 }

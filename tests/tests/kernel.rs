@@ -16,7 +16,7 @@ use localdns_common::{
 };
 use localdns_tests::*;
 use localdns_user::cache::{Entry, Key, mono_ns};
-use localdns_user::fastpath;
+use localdns_user::fastpath::{self, Globals, encode};
 use localdns_user::wire::parse_query;
 
 const VNET: Ipv4Addr = Ipv4Addr::new(169, 254, 10, 10);
@@ -37,11 +37,23 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with_fault(localdns_common::FAULT_NONE)
+    }
+
+    /// The program as loaded for tests with one fault injected after its
+    /// first write (see `localdns_common::GLOBAL_FAULT`).
+    fn with_fault(fault: u32) -> Rig {
         assert!(
             is_root(),
             "BPF_PROG_TEST_RUN tests need root (CI runs as root)"
         );
-        let mut ebpf = fastpath::open(VNET, KUBE, SEED, 1024).expect("open object");
+        let g = Globals {
+            vnet: VNET,
+            kube: KUBE,
+            seed: SEED,
+            fault,
+        };
+        let mut ebpf = fastpath::open(&g, 1024, None).expect("open object");
         fastpath::load_xdp(&mut ebpf).expect("XDP program verifies");
         fastpath::load_tc(&mut ebpf).expect("TC program verifies");
         let cache = BpfHashMap::try_from(ebpf.take_map(MAP_CACHE).unwrap()).unwrap();
@@ -91,7 +103,7 @@ impl Rig {
         let e = Entry::from_upstream(&q, resp, 3600, 3600, mono_ns() - age_ns).unwrap();
         let key = Key::of(view_of(dst), &q);
         self.cache
-            .insert(key.bpf(SEED), e.to_bpf(&key).unwrap(), 0)
+            .insert(encode::key(&key, SEED), encode::value(&e, &key).unwrap(), 0)
             .unwrap();
         e
     }
@@ -565,15 +577,15 @@ fn logged_entries_emit_an_event_per_hit() {
     let pq = parse_query(&q).unwrap();
     let key = Key::of(localdns_common::VIEW_KUBE, &pq);
     let e = Entry::from_upstream(&pq, &resp_a(&q), 3600, 0, mono_ns()).unwrap();
-    let mut v = e.to_bpf(&key).unwrap();
+    let mut v = encode::value(&e, &key).unwrap();
     // Not logged: no event.
-    rig.cache.insert(key.bpf(SEED), v, 0).unwrap();
+    rig.cache.insert(encode::key(&key, SEED), v, 0).unwrap();
     let frame = udp_to(KUBE, 53).build(&q);
     assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
     assert!(ring.next().is_none());
     // Logged: one event with the query as sent.
     v.log = 1;
-    rig.cache.insert(key.bpf(SEED), v, 0).unwrap();
+    rig.cache.insert(encode::key(&key, SEED), v, 0).unwrap();
     let (rc, out) = rig.run("xdp", &frame);
     assert_eq!(rc, XDP_TX);
     let item = ring.next().expect("an event");
@@ -605,7 +617,13 @@ fn logged_entries_emit_an_event_per_hit() {
 /// UDP checksum still valid.
 #[test]
 fn null_responder_turns_queries_around() {
-    let mut ebpf = fastpath::open(VNET, KUBE, SEED, 16).unwrap();
+    let g = Globals {
+        vnet: VNET,
+        kube: KUBE,
+        seed: SEED,
+        fault: 0,
+    };
+    let mut ebpf = fastpath::open(&g, 16, None).unwrap();
     let p: &mut Xdp = ebpf
         .program_mut("localdns_null")
         .unwrap()
@@ -657,7 +675,11 @@ fn collision_on_hash_passes() {
     let key = Key::of(localdns_common::VIEW_VNET, &parse_query(&q).unwrap());
     let okey = Key::of(localdns_common::VIEW_VNET, &parse_query(&other).unwrap());
     rig.cache
-        .insert(key.bpf(SEED), e.to_bpf(&okey).unwrap(), 0)
+        .insert(
+            encode::key(&key, SEED),
+            encode::value(&e, &okey).unwrap(),
+            0,
+        )
         .unwrap();
     let before = rig.stat(STAT_PASS_COLLISION);
     let frame = udp_to(VNET, 53).build(&q);

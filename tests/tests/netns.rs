@@ -213,23 +213,42 @@ fn attach_mode_tc() {
     attach_mode_works("tc");
 }
 
+/// SIGTERM stops the daemon but leaves the kernel fast path (programs,
+/// links, maps, addresses) for the next instance: cached names are still
+/// answered, new ones are not. `teardown` removes it all.
 #[test]
-fn clean_shutdown_removes_everything() {
+fn stop_keeps_the_fast_path_and_teardown_removes_it() {
     let mut t = Topo::new();
     t.start_daemon(&["--iface", "vpod0"]);
     answers(&t, VNET, "www.example.test", "A");
-    let link = t.node.sh_ok("ip", &["link", "show", "vpod0"]);
-    assert!(link.contains("xdp"), "{link}");
-    let addrs = t.node.sh_ok("ip", &["-o", "addr", "show"]);
-    assert!(
-        addrs.contains("169.254.10.10/32") && addrs.contains("169.254.10.11/32"),
-        "{addrs}"
-    );
     let mut d = t.daemon.take().unwrap();
     assert!(
         d.terminate(Duration::from_secs(5)),
         "daemon did not exit on SIGTERM"
     );
+    assert!(t.daemon_log().contains("the kernel fast path stays"));
+    let link = t.node.sh_ok("ip", &["link", "show", "vpod0"]);
+    assert!(link.contains("xdp"), "XDP gone after SIGTERM: {link}");
+    let addrs = t.node.sh_ok("ip", &["-o", "addr", "show"]);
+    assert!(
+        addrs.contains("169.254.10.10/32") && addrs.contains("169.254.10.11/32"),
+        "{addrs}"
+    );
+    let h0 = t.kernel_stat("hit");
+    assert_eq!(
+        answers(&t, VNET, "www.example.test", "A"),
+        ["www.example.test. IN A 192.0.2.10"]
+    );
+    assert_eq!(t.kernel_stat("hit"), h0 + 1);
+    assert!(
+        t.dig(VNET, "ns.example.test", "A").is_none(),
+        "no daemon, no new names"
+    );
+    let out = t.node.output(
+        localdns_tests::topo::daemon_bin().to_str().unwrap(),
+        &["teardown", "--pin-path", &t.pin_path()],
+    );
+    assert!(out.status.success(), "{out:?}");
     let link = t.node.sh_ok("ip", &["link", "show", "vpod0"]);
     assert!(!link.contains("xdp"), "XDP still attached: {link}");
     let addrs = t.node.sh_ok("ip", &["-o", "addr", "show"]);
@@ -240,7 +259,7 @@ fn clean_shutdown_removes_everything() {
     let r = wait_for(Duration::from_millis(100), || {
         t.dig(VNET, "www.example.test", "A")
     });
-    assert!(r.is_none(), "still answered after shutdown");
+    assert!(r.is_none(), "still answered after teardown");
 }
 
 #[test]

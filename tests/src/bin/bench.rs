@@ -854,9 +854,13 @@ fn prog_test_run_ns() -> Value {
         std::net::Ipv4Addr::new(169, 254, 50, 2),
     );
     let seed = 42;
-    let mut ebpf =
-        localdns_user::fastpath::open(vnet, std::net::Ipv4Addr::new(169, 254, 10, 11), seed, 1024)
-            .unwrap();
+    let g = localdns_user::fastpath::Globals {
+        vnet,
+        kube: std::net::Ipv4Addr::new(169, 254, 10, 11),
+        seed,
+        fault: 0,
+    };
+    let mut ebpf = localdns_user::fastpath::open(&g, 1024, None).unwrap();
     let edns = QEdns {
         udp_size: 1232,
         do_bit: false,
@@ -870,7 +874,11 @@ fn prog_test_run_ns() -> Value {
     let mut cache: aya::maps::HashMap<_, localdns_common::CacheKey, localdns_common::CacheValue> =
         aya::maps::HashMap::try_from(ebpf.map_mut(localdns_common::MAP_CACHE).unwrap()).unwrap();
     cache
-        .insert(key.bpf(seed), e.to_bpf(&key).unwrap(), 0)
+        .insert(
+            localdns_user::fastpath::encode::key(&key, seed),
+            localdns_user::fastpath::encode::value(&e, &key).unwrap(),
+            0,
+        )
         .unwrap();
     let frame = FrameSpec::udp(client, vnet, 40000, 53).build(&q);
     let mut out = json!({});

@@ -12,13 +12,13 @@ fn main() {
     let iface = std::env::args()
         .nth(1)
         .expect("usage: null_responder IFACE");
-    let mut ebpf = fastpath::open(
-        Ipv4Addr::new(169, 254, 10, 10),
-        Ipv4Addr::new(169, 254, 10, 11),
-        0,
-        16,
-    )
-    .expect("open eBPF object");
+    let g = fastpath::Globals {
+        vnet: Ipv4Addr::new(169, 254, 10, 10),
+        kube: Ipv4Addr::new(169, 254, 10, 11),
+        seed: 0,
+        fault: 0,
+    };
+    let mut ebpf = fastpath::open(&g, 16, None).expect("open eBPF object");
     let p: &mut Xdp = ebpf
         .program_mut("localdns_null")
         .expect("program")

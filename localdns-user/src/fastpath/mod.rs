@@ -1,22 +1,37 @@
 //! The kernel fast path from userspace: load the embedded eBPF object with
-//! the listener addresses and hash seed, attach it to the ingress
-//! interfaces, pin its maps for `localdns-user cache ...` and `bpftool`, and
-//! keep the cache map in step with the daemon's cache.
+//! the listener addresses and hash seed, on the pinned maps of an earlier
+//! instance when they fit (so the kernel cache stays warm), attach it to
+//! the ingress interfaces through pinned bpf_links (replacing the program
+//! on links an earlier instance left), and keep the cache map in step with
+//! the daemon's cache.
+//!
+//! Everything it creates outlives the process: a killed or stopped daemon
+//! leaves the kernel answering cached names; the next one adopts it all;
+//! `localdns-user teardown` removes it.
+
+pub mod attach;
+pub mod encode;
+pub mod pins;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
-use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
-    CacheKey, CacheValue, GLOBAL_HASH_SEED, GLOBAL_LISTEN_KUBE, GLOBAL_LISTEN_VNET, LogEvent,
-    MAP_CACHE, MAP_LOG, MAP_STATS, STAT_COUNT, STAT_NAMES,
+    CacheKey, CacheValue, GLOBAL_FAULT, GLOBAL_HASH_SEED, GLOBAL_LISTEN_KUBE, GLOBAL_LISTEN_VNET,
+    LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_LOG, MAP_META, MAP_STATS, META_MAGIC, Meta,
+    STAT_COUNT, STAT_NAMES,
 };
 use thiserror::Error;
 
-use crate::cache::{Entry, Key};
+use crate::cache::{Entry, Key, mono_ns};
+use crate::ifaces::Iface;
+use attach::{Attacher, Change};
+use encode::Generations;
+use pins::{PINNED_MAPS, PinDir};
 
 /// The eBPF object built by build.rs (BTF included).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/localdns"));
@@ -37,14 +52,15 @@ pub enum FastpathError {
         #[source]
         source: Box<ProgramError>,
     },
-    #[error("attaching {prog} to {iface} ({mode}): {source}")]
+    #[error("attaching to {iface} ({mode}): {source}")]
     Attach {
-        prog: &'static str,
         iface: String,
         mode: &'static str,
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("link {path}: {error}")]
+    Link { path: PathBuf, error: String },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -57,10 +73,15 @@ pub enum FastpathError {
         #[source]
         source: std::io::Error,
     },
-    #[error("interface pattern {pattern:?} matches no interface")]
-    NoInterface { pattern: String },
-    #[error("no program {0} in the object")]
+    #[error("no program or map {0} in the object")]
     Missing(&'static str),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> FastpathError {
+    move |source| FastpathError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// `--attach-mode`.
@@ -74,29 +95,43 @@ pub enum AttachMode {
     Xdp,
     /// Generic (skb) XDP.
     XdpGeneric,
-    /// TC clsact ingress with a redirect back out of the same device.
+    /// TC ingress (TCX link on kernels >= 6.6, clsact filter before) with a
+    /// redirect back out of the same device.
     Tc,
 }
 
-/// Loads the object with the listener addresses and seed set; programs are
-/// not yet loaded into the kernel.
-pub fn open(
-    vnet: Ipv4Addr,
-    kube: Ipv4Addr,
-    seed: u64,
-    entries: u32,
-) -> Result<Ebpf, FastpathError> {
-    let vnet_ne = u32::from_ne_bytes(vnet.octets());
-    let kube_ne = u32::from_ne_bytes(kube.octets());
-    EbpfLoader::new()
+/// Load-time constants of the program.
+#[derive(Clone, Copy, Debug)]
+pub struct Globals {
+    pub vnet: Ipv4Addr,
+    pub kube: Ipv4Addr,
+    pub seed: u64,
+    /// Test-only fault injection ([`localdns_common::GLOBAL_FAULT`]).
+    pub fault: u32,
+}
+
+/// Prepares the object: globals set, cache capacity set, and with `pins`
+/// the shared maps taken from (or created at) their pin paths. Programs
+/// are not yet loaded into the kernel.
+pub fn open(g: &Globals, entries: u32, pins: Option<&PinDir>) -> Result<Ebpf, FastpathError> {
+    let vnet_ne = u32::from_ne_bytes(g.vnet.octets());
+    let kube_ne = u32::from_ne_bytes(g.kube.octets());
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(GLOBAL_LISTEN_VNET, &vnet_ne, true)
         .override_global(GLOBAL_LISTEN_KUBE, &kube_ne, true)
-        .override_global(GLOBAL_HASH_SEED, &seed, true)
-        .map_max_entries(MAP_CACHE, entries)
-        .load(EBPF_OBJECT)
-        .map_err(|e| FastpathError::Object {
-            source: Box::new(e),
-        })
+        .override_global(GLOBAL_HASH_SEED, &g.seed, true)
+        .override_global(GLOBAL_FAULT, &g.fault, true)
+        .map_max_entries(MAP_CACHE, entries);
+    let paths: Vec<(&str, PathBuf)> = pins
+        .map(|p| PINNED_MAPS.iter().map(|m| (*m, p.map(m))).collect())
+        .unwrap_or_default();
+    for (m, path) in &paths {
+        loader.map_pin_path(m, path.as_path());
+    }
+    loader.load(EBPF_OBJECT).map_err(|e| FastpathError::Object {
+        source: Box::new(e),
+    })
 }
 
 fn verifier(prog: &'static str, source: ProgramError) -> FastpathError {
@@ -133,151 +168,107 @@ pub fn load_tc(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, FastpathError> {
     Ok(p)
 }
 
-/// Expands `--iface` patterns (shell globs) against /sys/class/net.
-pub fn expand_ifaces(patterns: &[String]) -> Result<Vec<String>, FastpathError> {
-    let mut all: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    all.sort();
-    let mut out: Vec<String> = Vec::new();
-    for pat in patterns {
-        let g = glob::Pattern::new(pat).ok();
-        let matched: Vec<&String> = all
-            .iter()
-            .filter(|i| g.as_ref().map_or(*i == pat, |g| g.matches(i)))
-            .collect();
-        if matched.is_empty() {
-            return Err(FastpathError::NoInterface {
-                pattern: pat.clone(),
-            });
-        }
-        for m in matched {
-            if !out.contains(m) {
-                out.push(m.clone());
-            }
-        }
-    }
-    Ok(out)
+/// Where the kernel cache came from at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The pinned maps of an earlier instance: the cache is warm.
+    Adopted,
+    /// New maps; `Some(why)` when pinned ones were found but not usable.
+    Fresh(Option<String>),
 }
 
-/// Virtual devices (veth, lo, bridges, ...) have no `device` link in sysfs.
-fn is_virtual(iface: &str) -> bool {
-    !Path::new(&format!("/sys/class/net/{iface}/device")).exists()
+/// What `--fastpath` asks for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub vnet: Ipv4Addr,
+    pub kube: Ipv4Addr,
+    pub pin_dir: PathBuf,
+    pub entries: u32,
+    pub mode: AttachMode,
 }
 
-/// A loaded and attached fast path. Dropping it detaches the programs and
-/// removes the pins.
+/// A loaded fast path. Dropping it leaves everything in the kernel: the
+/// links keep the program on its interfaces and the pins keep the maps.
 pub struct Fastpath {
-    _ebpf: Ebpf,
     cache: Mutex<BpfHashMap<MapData, CacheKey, CacheValue>>,
     stats: PerCpuArray<MapData, u64>,
     log_ring: Mutex<Option<RingBuf<MapData>>>,
+    attacher: Mutex<Attacher>,
     seed: u64,
-    pins: Vec<PathBuf>,
-    pub attached: Vec<(String, &'static str)>,
+    generations: Generations,
+    pub origin: Origin,
 }
 
 impl Fastpath {
-    pub fn start(
-        vnet: Ipv4Addr,
-        kube: Ipv4Addr,
-        ifaces: &[String],
-        mode: AttachMode,
-        pin_dir: &Path,
-        entries: u32,
-    ) -> Result<Self, FastpathError> {
-        let seed: u64 = rand::random();
-        let mut ebpf = open(vnet, kube, seed, entries)?;
-        let mut attached = Vec::new();
-        if mode == AttachMode::Tc {
-            let p = load_tc(&mut ebpf)?;
-            for iface in ifaces {
-                // Kernels >= 6.6 attach through TCX; older need clsact.
-                let _ = tc::qdisc_add_clsact(iface);
-                p.attach(iface, TcAttachType::Ingress)
-                    .map_err(|source| FastpathError::Attach {
-                        prog: TC_PROG,
-                        iface: iface.clone(),
-                        mode: "tc",
-                        source: Box::new(source),
-                    })?;
-                attached.push((iface.clone(), "tc"));
-            }
-        } else {
-            let p = load_xdp(&mut ebpf)?;
-            for iface in ifaces {
-                let native = match mode {
-                    AttachMode::Xdp => true,
-                    AttachMode::XdpGeneric => false,
-                    _ => !is_virtual(iface),
-                };
-                let res = if native {
-                    match p.attach(iface, XdpMode::Driver) {
-                        Ok(_) => Ok("xdp"),
-                        Err(e) if mode == AttachMode::Auto => {
-                            tracing::info!(%iface, error = %e, "native XDP unavailable, using generic XDP");
-                            p.attach(iface, XdpMode::Skb).map(|_| "xdp-generic")
-                        }
-                        Err(e) => Err(e),
-                    }
-                } else {
-                    p.attach(iface, XdpMode::Skb).map(|_| "xdp-generic")
-                };
-                let how = res.map_err(|source| FastpathError::Attach {
-                    prog: XDP_PROG,
-                    iface: iface.clone(),
-                    mode: if native { "xdp" } else { "xdp-generic" },
-                    source: Box::new(source),
-                })?;
-                attached.push((iface.clone(), how));
-            }
-        }
+    /// Loads the program on the pinned maps (adopted when they fit, else
+    /// fresh) and pins it. Interfaces come with [`Fastpath::reconcile`].
+    pub fn start(o: &Options) -> Result<Self, FastpathError> {
+        let pins = PinDir::new(&o.pin_dir);
         let pin_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| FastpathError::Pin { path, source }
         };
-        ensure_bpffs(pin_dir).map_err(pin_err(pin_dir))?;
-        std::fs::create_dir_all(pin_dir).map_err(pin_err(pin_dir))?;
-        let mut pins = Vec::new();
-        let mut take = |name: &'static str| -> Result<Map, FastpathError> {
-            let map = ebpf.take_map(name).ok_or(FastpathError::Missing(name))?;
-            let path = pin_dir.join(name);
-            let _ = std::fs::remove_file(&path); // a crashed run's leftover
-            map.pin(&path).map_err(|e| FastpathError::Pin {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            pins.push(path);
-            Ok(map)
+        ensure_bpffs(&o.pin_dir).map_err(pin_err(&o.pin_dir))?;
+        std::fs::create_dir_all(pins.links()).map_err(pin_err(&pins.links()))?;
+        let (seed, origin) = match pins.adoptable(o.entries) {
+            Ok(seed) => (seed, Origin::Adopted),
+            Err(why) => {
+                if why.is_some() {
+                    pins.remove_maps();
+                }
+                (rand::random(), Origin::Fresh(why))
+            }
         };
-        let cache_map = take(MAP_CACHE)?;
-        let stats_map = take(MAP_STATS)?;
-        let log_map = ebpf
-            .take_map(MAP_LOG)
-            .ok_or(FastpathError::Missing(MAP_LOG))?;
-        let log_ring = RingBuf::try_from(log_map).map_err(|source| FastpathError::Map {
-            name: MAP_LOG,
-            source: Box::new(source),
+        let g = Globals {
+            vnet: o.vnet,
+            kube: o.kube,
+            seed,
+            fault: 0,
+        };
+        let mut ebpf = open(&g, o.entries, Some(&pins))?;
+        let tc = o.mode == AttachMode::Tc;
+        let prog_pin = pins.program(tc);
+        let _ = std::fs::remove_file(&prog_pin);
+        let pinned = if tc {
+            load_tc(&mut ebpf)?.pin(&prog_pin)
+        } else {
+            load_xdp(&mut ebpf)?.pin(&prog_pin)
+        };
+        pinned.map_err(|e| FastpathError::Pin {
+            path: prog_pin.clone(),
+            source: std::io::Error::other(e.to_string()),
         })?;
-        let cache = BpfHashMap::try_from(cache_map).map_err(|source| FastpathError::Map {
-            name: MAP_CACHE,
-            source: Box::new(source),
-        })?;
-        let stats = PerCpuArray::try_from(stats_map).map_err(|source| FastpathError::Map {
-            name: MAP_STATS,
-            source: Box::new(source),
-        })?;
+        // The other program of an earlier instance (mode switched) stays
+        // pinned only while its links exist; they go on reconcile.
+        let _ = std::fs::remove_file(pins.program(!tc));
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(FastpathError::Missing(name))
+        };
+        if origin != Origin::Adopted {
+            let mut meta: Array<MapData, Meta> =
+                Array::try_from(take(&mut ebpf, MAP_META)?).map_err(map_err(MAP_META))?;
+            let m = Meta {
+                magic: META_MAGIC,
+                layout: LAYOUT_VERSION,
+                _pad: 0,
+                seed,
+                created_ns: mono_ns(),
+            };
+            meta.set(0, m, 0).map_err(map_err(MAP_META))?;
+        }
+        let cache =
+            BpfHashMap::try_from(take(&mut ebpf, MAP_CACHE)?).map_err(map_err(MAP_CACHE))?;
+        let stats =
+            PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let log_ring = RingBuf::try_from(take(&mut ebpf, MAP_LOG)?).map_err(map_err(MAP_LOG))?;
         Ok(Fastpath {
-            _ebpf: ebpf,
             cache: Mutex::new(cache),
             stats,
             log_ring: Mutex::new(Some(log_ring)),
+            attacher: Mutex::new(Attacher::new(ebpf, pins, o.mode)),
             seed,
-            pins,
-            attached,
+            generations: Generations::default(),
+            origin,
         })
     }
 
@@ -285,15 +276,42 @@ impl Fastpath {
         self.seed
     }
 
+    /// Brings the program onto exactly the `wanted` interfaces.
+    pub fn reconcile(&self, wanted: &[Iface]) -> Vec<Change> {
+        self.attacher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reconcile(wanted)
+    }
+
+    /// (interface, mode) of every attachment.
+    pub fn attached(&self) -> Vec<(String, &'static str)> {
+        self.attacher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .attached()
+    }
+
+    /// The entries in the kernel map that this build can read back (all of
+    /// them, after an adoption): the daemon rebuilds its cache from them.
+    pub fn entries(&self) -> Vec<(Key, Entry)> {
+        let map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, v)| encode::decode(&k, &v, self.seed))
+            .collect()
+    }
+
     /// Writes (or replaces) the kernel copy of an entry; `log` makes the
     /// kernel report each hit on the query-log ring. Entries the kernel
     /// cannot serve are removed instead, so it never serves an old version.
     pub fn put(&self, key: &Key, entry: &Entry, log: bool) {
-        let bkey = key.bpf(self.seed);
+        let bkey = encode::key(key, self.seed);
         let mut map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match entry.to_bpf(key) {
+        match encode::value(entry, key) {
             Ok(mut v) => {
                 v.log = u8::from(log);
+                v.generation = self.generations.next();
                 if let Err(e) = map.insert(bkey, v, 0) {
                     tracing::warn!(error = %e, "writing the kernel cache failed");
                 }
@@ -310,7 +328,7 @@ impl Fastpath {
             .cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&key.bpf(self.seed));
+            .remove(&encode::key(key, self.seed));
     }
 
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
@@ -354,14 +372,6 @@ impl Fastpath {
                 }
             }
             guard.clear_ready();
-        }
-    }
-}
-
-impl Drop for Fastpath {
-    fn drop(&mut self) {
-        for p in &self.pins {
-            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -417,21 +427,13 @@ pub type PinnedMaps = (
 
 /// Opens the pinned maps of a running instance (`cache stats|dump|flush`).
 pub fn open_pinned(pin_dir: &Path) -> Result<PinnedMaps, FastpathError> {
+    let pins = PinDir::new(pin_dir);
     let open = |name: &'static str| {
-        MapData::from_pin(pin_dir.join(name))
-            .and_then(Map::from_map_data)
-            .map_err(|source| FastpathError::Map {
-                name,
-                source: Box::new(source),
-            })
+        MapData::from_pin(pins.map(name))
+            .and_then(aya::maps::Map::from_map_data)
+            .map_err(map_err(name))
     };
-    let cache = BpfHashMap::try_from(open(MAP_CACHE)?).map_err(|source| FastpathError::Map {
-        name: MAP_CACHE,
-        source: Box::new(source),
-    })?;
-    let stats = PerCpuArray::try_from(open(MAP_STATS)?).map_err(|source| FastpathError::Map {
-        name: MAP_STATS,
-        source: Box::new(source),
-    })?;
+    let cache = BpfHashMap::try_from(open(MAP_CACHE)?).map_err(map_err(MAP_CACHE))?;
+    let stats = PerCpuArray::try_from(open(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
     Ok((cache, stats))
 }

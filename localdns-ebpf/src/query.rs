@@ -1,0 +1,272 @@
+//! Parsing a query in place, one small step per layer: Ethernet/IPv4/UDP,
+//! the DNS header, the question, the OPT record. Every step only reads;
+//! `Err(stat)` means "not ours to answer": PASS, counted under `stat`.
+
+use localdns_common::{
+    KEY_F_CD, KEY_F_DO, KEY_F_EDNS, MAX_QNAME, PLAIN_UDP_MAX, STAT_NOT_DNS, STAT_PASS_EDNS,
+    STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, VIEW_KUBE, VIEW_VNET, lower8,
+    qname_hash_step,
+};
+
+use crate::packet::{Packet, be16, launder, ld16, ld64, opaque, ptr_at, st64};
+
+pub const ETH_LEN: usize = 14;
+pub const IP_OFF: usize = 14;
+pub const UDP_OFF: usize = 34;
+pub const DNS_OFF: usize = 42;
+/// Frame offset of the qname.
+pub const Q_OFF: usize = 54;
+/// Queries longer than this are not fast-path material.
+pub const MAX_QUERY: usize = 512;
+
+pub const F_QR: u16 = 0x8000;
+pub const F_OPCODE: u16 = 0x7800;
+pub const F_TC: u16 = 0x0200;
+pub const F_RD: u16 = 0x0100;
+pub const F_Z: u16 = 0x0040;
+pub const F_CD: u16 = 0x0010;
+pub const F_RCODE: u16 = 0x000f;
+
+/// Everything later steps need to know about an eligible query.
+pub struct Query {
+    pub view: u8,
+    /// `KEY_F_*` bits.
+    pub kflags: u8,
+    /// Wire qname length, root label included (1..=255).
+    pub qlen: usize,
+    /// Frame offset just past QCLASS: where the reply's tail goes.
+    pub qend: usize,
+    /// Frame offset where the DNS message ends.
+    pub dns_end: usize,
+    /// Largest reply the client accepts.
+    pub client_max: usize,
+    /// The client's EDNS UDP size as sent (0 without EDNS).
+    pub udp_size: u16,
+    pub qtype: u16,
+    pub qclass: u16,
+    /// [`localdns_common::qname_hash`] of the lower-cased qname.
+    pub hash: u64,
+    /// One's-complement partial sum of the qname as sent.
+    pub q_sum: u64,
+    /// One's-complement partial sum of QTYPE and QCLASS at their offset.
+    pub qt_sum: u64,
+}
+
+/// Ethernet, IPv4, UDP: a datagram to port 53 of a listener address?
+/// Returns the view and the UDP length.
+#[inline(always)]
+pub fn l4<P: Packet>(p: &P, vnet: u32, kube: u32) -> Result<(u8, usize), u32> {
+    let eth = ptr_at(p, 0, ETH_LEN, STAT_NOT_DNS)?;
+    if ld16(unsafe { eth.add(12) }) != 0x0800u16.to_be() {
+        return Err(STAT_NOT_DNS); // IPv6, ARP, VLAN-tagged: not ours
+    }
+    let ip = ptr_at(p, IP_OFF, 20, STAT_NOT_DNS)?;
+    let vihl = unsafe { *ip };
+    if vihl >> 4 != 4 || unsafe { *ip.add(9) } != 17 {
+        return Err(STAT_NOT_DNS);
+    }
+    let daddr = unsafe { (ip.add(16) as *const u32).read_unaligned() };
+    let view = if daddr == kube {
+        VIEW_KUBE
+    } else if daddr == vnet {
+        VIEW_VNET
+    } else {
+        return Err(STAT_NOT_DNS);
+    };
+    let udp = ptr_at(p, UDP_OFF, 8, STAT_NOT_DNS)?;
+    if vihl != 0x45 {
+        return Err(STAT_PASS_IP); // options: the UDP header is elsewhere
+    }
+    if be16(unsafe { udp.add(2) }) != 53 {
+        return Err(STAT_NOT_DNS);
+    }
+    if be16(unsafe { ip.add(6) }) & 0x3fff != 0 {
+        return Err(STAT_PASS_IP); // fragment (MF or offset)
+    }
+    let tot_len = be16(unsafe { ip.add(2) }) as usize;
+    let udp_len = be16(unsafe { udp.add(4) }) as usize;
+    if tot_len != 20 + udp_len || ETH_LEN + tot_len > p.frame_len() {
+        return Err(STAT_PASS_IP);
+    }
+    if !(8 + 12 + 5..=8 + MAX_QUERY).contains(&udp_len) {
+        return Err(STAT_PASS_HEADER);
+    }
+    Ok((view, udp_len))
+}
+
+/// The DNS header: a plain standard query with one question and at most
+/// one additional record. Returns (flags, ARCOUNT).
+#[inline(always)]
+pub fn header<P: Packet>(p: &P) -> Result<(u16, u16), u32> {
+    let hdr = ptr_at(p, DNS_OFF, 12, STAT_PASS_HEADER)?;
+    let qflags = be16(unsafe { hdr.add(2) });
+    if qflags & (F_QR | F_OPCODE | F_TC | F_Z | F_RCODE) != 0 {
+        return Err(STAT_PASS_HEADER);
+    }
+    let arcount = be16(unsafe { hdr.add(10) });
+    if be16(unsafe { hdr.add(4) }) != 1
+        || be16(unsafe { hdr.add(6) }) != 0
+        || be16(unsafe { hdr.add(8) }) != 0
+        || arcount > 1
+    {
+        return Err(STAT_PASS_HEADER);
+    }
+    Ok((qflags, arcount))
+}
+
+/// The qname: labels of at most 63 bytes, no compression, at most 255
+/// bytes. Returns its length, root label included.
+#[inline(always)]
+pub fn qname_len<P: Packet>(p: &P) -> Result<usize, u32> {
+    let mut pos: usize = 0;
+    for _ in 0..128 {
+        let l = unsafe { *ptr_at(p, Q_OFF + pos, 1, STAT_PASS_QNAME)? } as usize;
+        if l == 0 {
+            return Ok(pos + 1);
+        }
+        if l > 63 {
+            return Err(STAT_PASS_QNAME);
+        }
+        pos += l + 1;
+        if pos >= MAX_QNAME {
+            return Err(STAT_PASS_QNAME);
+        }
+    }
+    Err(STAT_PASS_QNAME)
+}
+
+/// Word `i` of the qname as sent (little-endian load, bytes past the name
+/// zeroed). QTYPE and QCLASS follow the name, so 8 bytes can be read at
+/// the word's start unless fewer than 4 name bytes remain; then the 8
+/// bytes ending after QCLASS are read and shifted. The branches are on a
+/// laundered copy of the remaining length, so they do not narrow `qlen`
+/// itself (which would split the verifier's state once per word).
+#[inline(always)]
+fn qname_word<P: Packet>(p: &P, i: usize, qlen: usize, slot: *mut u64) -> Result<u64, u32> {
+    let qlen = qlen & 0xff;
+    let i = i & 31;
+    // Name bytes from this word on, >= 1.
+    let rest = launder(slot, qlen - i * 8) & 0xff;
+    let w = if rest >= 4 {
+        ld64(ptr_at(p, Q_OFF + i * 8, 8, STAT_PASS_QNAME)?)
+    } else {
+        let end = Q_OFF + qlen + 4 - 8;
+        let w = ld64(ptr_at(p, end, 8, STAT_PASS_QNAME)?);
+        w >> (8 * ((4 - rest) & 7))
+    };
+    Ok(if rest < 8 {
+        w & ((1u64 << (8 * rest)) - 1)
+    } else {
+        w
+    })
+}
+
+/// Copies the qname into scratch as lower-cased words (bytes past the
+/// name zeroed), hashing it and summing it as sent on the way: the only
+/// pass over the name in the packet.
+#[inline(always)]
+pub fn take_name<P: Packet>(
+    p: &P,
+    qlen: usize,
+    seed: u64,
+    scratch: *mut Scratch,
+) -> Result<(u64, u64), u32> {
+    let slot = unsafe { &raw mut (*scratch).launder };
+    let dst = unsafe { (*scratch).qname.as_mut_ptr() };
+    let nwords = launder(slot, qlen.div_ceil(8));
+    let mut hash = seed;
+    let mut sum: u64 = 0;
+    for i in 0..(MAX_QNAME + 1) / 8 {
+        if i >= opaque(nwords) {
+            break;
+        }
+        let w = qname_word(p, i, qlen, slot)?;
+        sum += (w & 0xffff_ffff) + (w >> 32);
+        let lw = lower8(w);
+        st64(unsafe { dst.add(i * 8) }, lw);
+        hash = qname_hash_step(hash, lw);
+    }
+    Ok((hash, sum))
+}
+
+/// The optional OPT record, which must end exactly at the end of the
+/// datagram. Returns (key flags, largest reply, EDNS UDP size as sent).
+#[inline(always)]
+pub fn opt<P: Packet>(
+    p: &P,
+    qend: usize,
+    dns_end: usize,
+    arcount: u16,
+    qflags: u16,
+) -> Result<(u8, usize, u16), u32> {
+    let mut kflags = if qflags & F_CD != 0 { KEY_F_CD } else { 0 };
+    if arcount == 0 {
+        if qend != dns_end {
+            return Err(STAT_PASS_HEADER); // trailing bytes
+        }
+        return Ok((kflags, PLAIN_UDP_MAX as usize, 0));
+    }
+    let opt = ptr_at(p, qend, 11, STAT_PASS_EDNS)?;
+    let rdlen = be16(unsafe { opt.add(9) }) as usize;
+    if unsafe { *opt } != 0
+        || be16(unsafe { opt.add(1) }) != 41
+        || unsafe { *opt.add(5) } != 0 // extended RCODE
+        || unsafe { *opt.add(6) } != 0 // version: BADVERS is the daemon's job
+        || qend + 11 + rdlen != dns_end
+    {
+        return Err(STAT_PASS_EDNS);
+    }
+    let udp_size = be16(unsafe { opt.add(3) });
+    kflags |= KEY_F_EDNS;
+    if be16(unsafe { opt.add(7) }) & 0x8000 != 0 {
+        kflags |= KEY_F_DO;
+    }
+    let max = if udp_size > PLAIN_UDP_MAX {
+        udp_size
+    } else {
+        PLAIN_UDP_MAX
+    };
+    Ok((kflags, max as usize, udp_size))
+}
+
+/// All parse steps: an eligible query, or why not. The qname goes to
+/// `scratch`; the name length is laundered there too, so the up to 128
+/// ways out of the qname walk continue as one verifier state.
+#[inline(always)]
+pub fn parse<P: Packet>(
+    p: &P,
+    vnet: u32,
+    kube: u32,
+    seed: u64,
+    scratch: *mut Scratch,
+) -> Result<Query, u32> {
+    let slot = unsafe { &raw mut (*scratch).launder };
+    let (view, udp_len) = l4(p, vnet, kube)?;
+    let dns_end = UDP_OFF + udp_len;
+    let (qflags, arcount) = header(p)?;
+    let qlen = launder(slot, qname_len(p)?);
+    if !(1..=MAX_QNAME).contains(&qlen) {
+        return Err(STAT_PASS_QNAME);
+    }
+    let qend = Q_OFF + qlen + 4;
+    let qt = ptr_at(p, Q_OFF + qlen, 4, STAT_PASS_QNAME)?;
+    let qtype = be16(qt);
+    let qclass = be16(unsafe { qt.add(2) });
+    let qt_sum = ld16(qt) as u64 + ld16(unsafe { qt.add(2) }) as u64;
+    let (kflags, client_max, udp_size) = opt(p, qend, dns_end, arcount, qflags)?;
+    let (hash, q_sum) = take_name(p, qlen, seed, scratch)?;
+    Ok(Query {
+        view,
+        kflags,
+        qlen,
+        qend,
+        dns_end,
+        client_max,
+        udp_size,
+        qtype,
+        qclass,
+        hash,
+        q_sum,
+        qt_sum,
+    })
+}
