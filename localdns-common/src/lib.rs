@@ -94,6 +94,9 @@ pub const FAULT_AFTER_COPY: u32 = 2;
 pub const FAULT_RACE: u32 = 3;
 /// Like [`FAULT_RACE`], and the undo fails too.
 pub const FAULT_RACE_NO_UNDO: u32 = 4;
+/// Skip the generation check (to show the torn-read test detects what
+/// the check prevents).
+pub const FAULT_NO_GENERATION_CHECK: u32 = 5;
 
 /// Default capacity of [`MAP_CACHE`] (entries). ~1 KiB per entry.
 pub const CACHE_MAP_ENTRIES: u32 = 16384;

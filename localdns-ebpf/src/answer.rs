@@ -7,9 +7,9 @@
 //! as it arrived.
 
 use localdns_common::{
-    CacheValue, FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_RACE, FAULT_RACE_NO_UNDO, MAX_TAIL,
-    MAX_TTLS, SAVE_MAX, STAT_DROP_ERROR, STAT_EXPIRED, STAT_PASS_COLLISION, STAT_PASS_ERROR,
-    STAT_PASS_RACE, STAT_PASS_SIZE, Scratch, csum_fold,
+    CacheValue, FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
+    FAULT_RACE_NO_UNDO, MAX_TAIL, MAX_TTLS, SAVE_MAX, STAT_DROP_ERROR, STAT_EXPIRED,
+    STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_SIZE, Scratch, csum_fold,
 };
 
 use crate::packet::{Packet, ResizeError, launder, ld16, ld64, opaque, ptr_at, st16, st64, swap16};
@@ -309,15 +309,9 @@ pub fn rewrite<P: Packet>(
     if fault == FAULT_AFTER_COPY {
         return Verdict::Drop(STAT_DROP_ERROR);
     }
-    barrier();
-    let generation = unsafe { core::ptr::read_volatile(&v.generation) };
-    if generation != f.generation || fault == FAULT_RACE || fault == FAULT_RACE_NO_UNDO {
-        if !undoable {
-            return Verdict::Drop(STAT_DROP_ERROR);
-        }
-        return undo(p, q, frame_len, saved, fault, slot);
-    }
-    // The copy is consistent: finish the reply.
+    // Every read of the entry happens before the second generation read:
+    // the TTL offsets (their writes land in the tail, which an undo puts
+    // back) and the record counts.
     let ttl_be = f.ttl_now.to_be();
     let n = launder(slot, f.ttl_count);
     for i in 0..MAX_TTLS {
@@ -330,6 +324,17 @@ pub fn rewrite<P: Packet>(
         };
         unsafe { (t as *mut u32).write_unaligned(ttl_be) };
     }
+    let counts = v.counts_be;
+    barrier();
+    let generation = unsafe { core::ptr::read_volatile(&v.generation) };
+    let torn = generation != f.generation && fault != FAULT_NO_GENERATION_CHECK;
+    if torn || fault == FAULT_RACE || fault == FAULT_RACE_NO_UNDO {
+        if !undoable {
+            return Verdict::Drop(STAT_DROP_ERROR);
+        }
+        return undo(p, q, frame_len, saved, fault, slot);
+    }
+    // The copy is consistent: finish the reply.
     let Ok(eth) = ptr_at(p, 0, Q_OFF, STAT_DROP_ERROR) else {
         return Verdict::Drop(STAT_DROP_ERROR);
     };
@@ -354,8 +359,8 @@ pub fn rewrite<P: Packet>(
         st16(udp.add(6), stamp.udp_csum);
         let hdr = eth.add(DNS_OFF);
         st16(hdr.add(2), stamp.rflags);
-        for i in 0..4 {
-            st16(hdr.add(4 + i * 2), v.counts_be[i]);
+        for (i, c) in counts.iter().enumerate() {
+            st16(hdr.add(4 + i * 2), *c);
         }
     }
     Verdict::Reply

@@ -23,9 +23,11 @@ const VNET: Ipv4Addr = Ipv4Addr::new(169, 254, 10, 10);
 const KUBE: Ipv4Addr = Ipv4Addr::new(169, 254, 10, 11);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(169, 254, 100, 2);
 const SEED: u64 = 0x5eed_1234_abcd_0042;
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const NS: u64 = 1_000_000_000;
 
@@ -734,4 +736,304 @@ fn hit_cost_report() {
         hit[hit.len() * 9 / 10],
         miss.duration.as_nanos()
     );
+}
+
+/// After the program's first write to a packet, a failure drops it; it is
+/// never passed half-rewritten. The one way back is a generation mismatch,
+/// where the saved query bytes are put back first: the packet passed on is
+/// the query exactly as it arrived. Rows for XDP and TC, for a query with
+/// EDNS (the reply overwrites its OPT record), one without, and one whose
+/// reply is shorter than the query (padding option).
+#[test]
+fn fault_rows_drop_after_the_first_write() {
+    use localdns_common::{
+        FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_RACE, FAULT_RACE_NO_UNDO, STAT_DROP_ERROR,
+        STAT_PASS_RACE,
+    };
+    let edns = QEdns {
+        udp_size: 1232,
+        do_bit: false,
+        options: cookie(),
+    };
+    let mut padding = vec![0, 12, 1, 44]; // PADDING, 300 bytes
+    padding.extend(vec![0u8; 300]);
+    let padded = QEdns {
+        udp_size: 1232,
+        do_bit: false,
+        options: padding,
+    };
+    let queries = [
+        (
+            "EDNS+cookie",
+            dns_query(0x1212, "www.example.test", 1, 0x0100, Some(&edns)),
+        ),
+        (
+            "no EDNS",
+            dns_query(0x1313, "www.example.test", 1, 0x0100, None),
+        ),
+        (
+            "reply shorter",
+            dns_query(0x1414, "www.example.test", 1, 0x0100, Some(&padded)),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (fault, expect) in [
+        (FAULT_AFTER_RESIZE, STAT_DROP_ERROR),
+        (FAULT_AFTER_COPY, STAT_DROP_ERROR),
+        (FAULT_RACE_NO_UNDO, STAT_DROP_ERROR),
+        (FAULT_RACE, STAT_PASS_RACE),
+    ] {
+        let mut rig = Rig::with_fault(fault);
+        for (prog, drop_rc, pass_rc) in
+            [("xdp", XDP_DROP, XDP_PASS), ("tc", TC_ACT_SHOT, TC_ACT_OK)]
+        {
+            for (what, q) in &queries {
+                rig.clear();
+                rig.seed(VNET, q, &resp_a(q), NS / 2);
+                let frame = udp_to(VNET, 53).build(q);
+                let before = rig.stat(expect);
+                let (rc, out) = rig.run(prog, &frame);
+                let bumped = rig.stat(expect) - before;
+                let ok = if expect == STAT_PASS_RACE {
+                    rc == pass_rc && out == frame && bumped == 1
+                } else {
+                    rc == drop_rc && bumped == 1
+                };
+                if !ok {
+                    failures.push(format!(
+                        "fault {fault} {prog} {what}: rc {rc}, {} bumped {bumped}, restored {}",
+                        STAT_NAMES[expect as usize],
+                        out == frame
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Replacing entries while the program copies them: with preallocated
+/// elements, an element freed by one update is reused by the next at once,
+/// so a reader can see one name's header and another's records. A writer
+/// thread on one CPU replaces two entries of different shapes in turn;
+/// BPF_PROG_TEST_RUN answers on the other CPU; every reply is decoded with
+/// hickory-proto and must answer its own question. With the generation
+/// check off, the same test shows the torn replies it prevents.
+#[test]
+fn torn_reads_are_never_sent() {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::RData;
+    use localdns_common::{FAULT_NO_GENERATION_CHECK, STAT_PASS_RACE};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "needs two CPUs");
+    let qx = dns_query(0x7001, "x.race.test", 1, 0x0100, None);
+    let qy = dns_query(0x7002, "yyyyyy.race.test", 1, 0x0100, None);
+    let rx = dns_response(&qx, 0, &[a_rr(300, [10, 0, 0, 1])], &[]);
+    let ry = dns_response(
+        &qy,
+        0,
+        &(2..6).map(|i| a_rr(300, [10, 0, 0, i])).collect::<Vec<_>>(),
+        &[],
+    );
+    let frame = udp_to(VNET, 53).build(&qx);
+    let mut report = Vec::new();
+    for fault in [localdns_common::FAULT_NONE, FAULT_NO_GENERATION_CHECK] {
+        let Rig {
+            ebpf,
+            mut cache,
+            stats,
+        } = Rig::with_fault(fault);
+        let value = |q: &[u8], r: &[u8], generation: u64| {
+            let pq = parse_query(q).unwrap();
+            let e = Entry::from_upstream(&pq, r, 3600, 0, mono_ns()).unwrap();
+            let key = Key::of(view_of(VNET), &pq);
+            let mut v = encode::value(&e, &key).unwrap();
+            v.generation = generation;
+            (encode::key(&key, SEED), v)
+        };
+        let stop = AtomicBool::new(false);
+        let (mut tx, mut passed, mut torn, mut writes) = (0u64, 0u64, 0u64, 0u64);
+        let race0: u64 = stats.get(&STAT_PASS_RACE, 0).unwrap().iter().sum();
+        std::thread::scope(|sc| {
+            let writer = sc.spawn(|| {
+                pin_to_cpu(1);
+                let gens = encode::Generations::default();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && n < 2_000_000 {
+                    let (kx, vx) = value(&qx, &rx, gens.next());
+                    cache.insert(kx, vx, 0).unwrap();
+                    let (ky, vy) = value(&qy, &ry, gens.next());
+                    cache.insert(ky, vy, 0).unwrap();
+                    n += 2;
+                }
+                n
+            });
+            pin_to_cpu(0);
+            let p: &Xdp = ebpf
+                .program(fastpath::XDP_PROG)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            let mut out = vec![0u8; 1024];
+            while t0.elapsed() < std::time::Duration::from_secs(3) {
+                let r = p
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        data_out: Some(&mut out),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                if r.return_value != XDP_TX {
+                    passed += 1;
+                    continue;
+                }
+                tx += 1;
+                let dns = &out[42..r.data_size_out as usize];
+                let good = Message::from_vec(dns).is_ok_and(|m| {
+                    m.queries.len() == 1
+                        && m.queries[0].name().to_ascii() == "x.race.test."
+                        && m.answers.len() == 1
+                        && matches!(&m.answers[0].data, RData::A(a) if a.0 == Ipv4Addr::new(10, 0, 0, 1))
+                });
+                if !good {
+                    torn += 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            writes = writer.join().unwrap();
+        });
+        let races = stats.get(&STAT_PASS_RACE, 0).unwrap().iter().sum::<u64>() - race0;
+        report.push(format!(
+            "generation check {}: {tx} replies, {torn} torn, {passed} passed ({races} generation mismatches undone), {writes} entry writes",
+            if fault == FAULT_NO_GENERATION_CHECK { "off" } else { "on" }
+        ));
+        if fault == localdns_common::FAULT_NONE {
+            assert_eq!(torn, 0, "{}", report.join("; "));
+            assert!(tx > 10_000, "too few replies: {}", report.join("; "));
+        }
+    }
+    println!("torn-read stress (3 s each): {}", report.join("; "));
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Helper functions the object calls, per program section, must all exist
+/// in Linux 5.15 (the oldest kernel AKS LocalDNS supports) for the
+/// program's type. Helper numbers are from include/uapi/linux/bpf.h; 5.15
+/// ends at 175 (task_pt_regs).
+#[test]
+fn helpers_are_those_of_linux_5_15() {
+    use object::{Object, ObjectSection, SectionKind};
+    // What XDP and TC programs may call on 5.15 and this program might use.
+    const XDP: &[(i32, &str)] = &[
+        (1, "map_lookup_elem"),
+        (2, "map_update_elem"),
+        (3, "map_delete_elem"),
+        (5, "ktime_get_ns"),
+        (8, "get_smp_processor_id"),
+        (23, "redirect"),
+        (44, "xdp_adjust_head"),
+        (51, "redirect_map"),
+        (54, "xdp_adjust_meta"),
+        (65, "xdp_adjust_tail"),
+        (131, "ringbuf_reserve"),
+        (132, "ringbuf_submit"),
+        (133, "ringbuf_discard"),
+    ];
+    const TC: &[(i32, &str)] = &[
+        (1, "map_lookup_elem"),
+        (2, "map_update_elem"),
+        (3, "map_delete_elem"),
+        (5, "ktime_get_ns"),
+        (9, "skb_store_bytes"),
+        (10, "l3_csum_replace"),
+        (11, "l4_csum_replace"),
+        (23, "redirect"),
+        (26, "skb_load_bytes"),
+        (38, "skb_change_tail"),
+        (39, "skb_pull_data"),
+        (131, "ringbuf_reserve"),
+        (132, "ringbuf_submit"),
+        (133, "ringbuf_discard"),
+    ];
+    const LAST_IN_5_15: i32 = 175;
+    let obj = object::File::parse(fastpath::EBPF_OBJECT).expect("ELF");
+    let mut found = Vec::new();
+    for sec in obj.sections() {
+        if sec.kind() != SectionKind::Text {
+            continue;
+        }
+        let name = sec.name().unwrap_or("?").to_string();
+        let code = sec.data().expect("section data");
+        let mut calls = std::collections::BTreeSet::new();
+        let mut i = 0;
+        while i + 8 <= code.len() {
+            let (op, regs) = (code[i], code[i + 1]);
+            let imm = i32::from_le_bytes(code[i + 4..i + 8].try_into().unwrap());
+            // BPF_JMP|BPF_CALL with src_reg 0: a helper call (1 is a
+            // bpf-to-bpf call, 2 a kfunc, which 5.15's XDP/TC lack).
+            if op == 0x85 {
+                assert_ne!(regs >> 4, 2, "{name}: kfunc call {imm}");
+                if regs >> 4 == 0 {
+                    calls.insert(imm);
+                }
+            }
+            i += if op == 0x18 { 16 } else { 8 }; // lddw is two slots
+        }
+        let allowed = match name.as_str() {
+            "xdp" => XDP,
+            "classifier" => TC,
+            _ => {
+                assert!(calls.is_empty(), "{name} calls helpers {calls:?}");
+                continue;
+            }
+        };
+        for c in &calls {
+            assert!(*c <= LAST_IN_5_15, "{name}: helper {c} is newer than 5.15");
+            let known = allowed.iter().find(|(id, _)| id == c);
+            assert!(
+                known.is_some(),
+                "{name}: helper {c} not allowed for this type on 5.15"
+            );
+        }
+        found.push(format!(
+            "{name}: {}",
+            calls
+                .iter()
+                .map(|c| allowed.iter().find(|(id, _)| id == c).unwrap().1)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    assert!(found.iter().any(|f| f.starts_with("xdp:")), "{found:?}");
+    assert!(
+        found.iter().any(|f| f.starts_with("classifier:")),
+        "{found:?}"
+    );
+    println!("helpers called: {}", found.join("; "));
+}
+
+/// The verifier's work per program stays far from its limit (1M processed
+/// instructions on every kernel since 5.2): a loop that stops being
+/// prunable shows up here first, not as a load failure on some node.
+#[test]
+fn verifier_cost_stays_small() {
+    let rig = Rig::new();
+    let mut counts = Vec::new();
+    for name in [fastpath::XDP_PROG, fastpath::TC_PROG] {
+        let info = rig.ebpf.program(name).unwrap().info().unwrap();
+        let n = info.verified_instruction_count().unwrap_or(0);
+        counts.push(format!("{name} {n}"));
+        assert!(n > 0 && n < 150_000, "{name}: {n} instructions verified");
+    }
+    println!("verified instructions: {}", counts.join(", "));
 }
