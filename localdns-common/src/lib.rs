@@ -52,7 +52,7 @@ pub const MAP_META: &str = "LDNS_META";
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
@@ -143,11 +143,19 @@ pub struct CacheKey {
 }
 const _: () = assert!(core::mem::size_of::<CacheKey>() == 16);
 
-/// Bytes of [`CacheValue::data`]: the longest qname plus the largest tail,
-/// plus 8 spare bytes: the program masks offsets (name length `& 0xff`,
-/// tail offsets `& (MAX_TAIL - 1)`) so the verifier sees them bounded, and
-/// a word read at the largest masked offset must stay inside the value.
+/// Bytes of [`CacheValue::data`]: the longest qname in whole words plus the
+/// largest tail, plus 8 spare bytes: the program masks offsets (tail
+/// offsets `& (MAX_TAIL - 1)`) so the verifier sees them bounded, and a
+/// word read at the largest masked offset must stay inside the value.
 pub const DATA_LEN: usize = MAX_QNAME + 1 + MAX_TAIL + 8;
+
+/// Where the tail starts in [`CacheValue::data`]: the name rounded up to
+/// whole 8-byte words (the padding is zero), so the program compares the
+/// query's name with the entry's word by word without masking a last,
+/// partial word (a branch that multiplied the verifier's states on 6.1).
+pub const fn name_span(qname_len: usize) -> usize {
+    (qname_len + 7) & !7
+}
 
 /// Value of [`MAP_CACHE`]: a response's wire image minus what the kernel
 /// takes from the query (ID, RD bit, question bytes as sent), plus what it
@@ -201,8 +209,9 @@ pub struct CacheValue {
     /// Offsets of TTL fields from the start of the tail, host byte order.
     pub ttl_off: [u16; MAX_TTLS],
     /// `data[..qname_len]`: the lower-cased wire qname, checked against the
-    /// query so a hash collision can only cause a PASS.
-    /// `data[qname_len..qname_len + tail_len]`: the tail — answer,
+    /// query so a hash collision can only cause a PASS; zero up to
+    /// [`name_span`]`(qname_len)`.
+    /// `data[name_span..name_span + tail_len]`: the tail — answer,
     /// authority and additional sections (OPT included) as sent. Zero after.
     pub data: [u8; DATA_LEN],
 }
@@ -235,6 +244,12 @@ impl CacheValue {
     /// The stored lower-case qname.
     pub fn qname(&self) -> &[u8] {
         &self.data[..(self.qname_len as usize).min(MAX_QNAME)]
+    }
+
+    /// The stored tail (as far as it lies inside `data`).
+    pub fn tail(&self) -> &[u8] {
+        let at = name_span((self.qname_len as usize).min(MAX_QNAME));
+        &self.data[at..(at + self.tail_len as usize).min(DATA_LEN)]
     }
 }
 

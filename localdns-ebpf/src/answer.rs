@@ -8,8 +8,9 @@
 
 use localdns_common::{
     CacheValue, FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
-    FAULT_RACE_NO_UNDO, MAX_TAIL, MAX_TTLS, SAVE_MAX, STAT_DROP_ERROR, STAT_EXPIRED,
+    FAULT_RACE_NO_UNDO, MAX_QNAME, MAX_TAIL, MAX_TTLS, SAVE_MAX, STAT_DROP_ERROR, STAT_EXPIRED,
     STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_SIZE, Scratch, csum_fold,
+    name_span,
 };
 
 use crate::packet::{Packet, ResizeError, launder, ld16, ld64, opaque, ptr_at, st16, st64, swap16};
@@ -67,17 +68,13 @@ pub fn check(q: &Query, v: &CacheValue, now: u64, scratch: *mut Scratch) -> Resu
         return Err(STAT_PASS_COLLISION);
     }
     let nwords = launder(slot, q.qlen.div_ceil(8));
-    let tail_bits = (q.qlen % 8) * 8;
     for i in 0..32 {
         if i >= opaque(nwords) {
             break;
         }
         let a = ld64(unsafe { name.add(i * 8) });
-        let mut b = ld64(unsafe { v.data.as_ptr().add(i * 8) });
-        // The tail follows the name in `data`: compare name bytes only.
-        if i == nwords - 1 && tail_bits != 0 {
-            b &= (1u64 << tail_bits) - 1;
-        }
+        // Both names are zero-padded to whole words.
+        let b = ld64(unsafe { v.data.as_ptr().add(i * 8) });
         if a != b {
             return Err(STAT_PASS_COLLISION);
         }
@@ -216,9 +213,13 @@ fn copy_tail<P: Packet>(
     tail_len: usize,
     slot: *mut u64,
 ) -> Result<(), u32> {
-    let qlen = q.qlen & 0xff;
     let qend = q.qend & 0x1ff;
-    let src = unsafe { v.data.as_ptr().add(qlen) };
+    // A check on the register itself: masks would bound it at 504.
+    let span = opaque(name_span(q.qlen & 0xff));
+    if span > MAX_QNAME + 1 {
+        return Err(STAT_DROP_ERROR);
+    }
+    let src = unsafe { v.data.as_ptr().add(span) };
     let words = launder(slot, tail_len / 8);
     for i in 0..MAX_TAIL / 8 {
         if i >= opaque(words) {

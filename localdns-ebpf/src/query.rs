@@ -244,8 +244,10 @@ pub fn parse<P: Packet>(
     let (view, udp_len) = l4(p, vnet, kube)?;
     let dns_end = UDP_OFF + udp_len;
     let (qflags, arcount) = header(p)?;
-    let qlen = launder(slot, qname_len(p)?);
-    if !(1..=MAX_QNAME).contains(&qlen) {
+    // The mask, not a range check, bounds it for the verifier: kernels
+    // before ~6.10 do not carry a check on `qlen - 1` back to `qlen`.
+    let qlen = launder(slot, qname_len(p)?) & 0xff;
+    if qlen == 0 {
         return Err(STAT_PASS_QNAME);
     }
     let qend = Q_OFF + qlen + 4;

@@ -5,8 +5,11 @@
 //! 0.10.3 for the eBPF crate, and the Debian packages the daemon and the
 //! tests use.
 
+mod vm;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -22,7 +25,8 @@ const BENCH_PACKAGES: &[&str] = &[
     "dnsperf",
 ];
 /// Debian packages: the daemon needs iproute2; the tests need real DNS
-/// clients and servers, nftables, bpftool and nsenter.
+/// clients and servers, nftables, bpftool and nsenter, and qemu with a
+/// static busybox to run the kernel tests on a second kernel.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "dnsutils",
@@ -33,6 +37,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "python3",
+    "qemu-system-x86",
+    "busybox-static",
 ];
 
 #[derive(Parser)]
@@ -53,7 +59,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Lint (fmt, clippy on userspace and eBPF crates), then run every test:
-    /// unit, BPF_PROG_TEST_RUN and network-namespace integration tests.
+    /// unit, BPF_PROG_TEST_RUN and network-namespace integration tests, and
+    /// the BPF_PROG_TEST_RUN tests again on Debian's 6.1 kernel under qemu.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -61,6 +68,12 @@ enum Cmd {
     },
     /// fmt check and clippy -D warnings on both userspace and eBPF crates.
     Lint,
+    /// Run a shell command on Debian's 6.1 kernel under qemu (host root
+    /// shared read-only, working directory kept), e.g. a test binary.
+    Vm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Side-by-side benchmark against Unbound, dnsdist, Knot Resolver and
     /// dnsmasq (as root); writes docs/bench/ and the README table.
     Bench {
@@ -190,6 +203,47 @@ fn lint() -> Result<()> {
         ]))
 }
 
+fn in_vm(cmd: &str) -> Result<i32> {
+    let k = vm::kernel(&root().join("target/vm-kernel"))?;
+    vm::run(
+        &k,
+        &root().join("target/vm"),
+        cmd,
+        &root(),
+        Duration::from_secs(300),
+    )
+}
+
+/// The BPF_PROG_TEST_RUN tests (tests/tests/kernel.rs) on Debian's 6.1
+/// kernel: the same binary that just ran on this machine's kernel.
+fn kernel_tests_in_vm() -> Result<()> {
+    let out = cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "localdns-tests",
+            "--test",
+            "kernel",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("cargo test --no-run")?;
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["target"]["name"] == "kernel" && m["executable"].is_string())
+        .and_then(|m| m["executable"].as_str().map(String::from))
+        .context("kernel test binary not found")?;
+    let code = in_vm(&format!("{exe} --test-threads=1"))?;
+    if code != 0 {
+        bail!("kernel tests on Linux 6.1 failed (exit status {code})");
+    }
+    eprintln!("kernel tests passed on Linux 6.1 (qemu)");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Prereqs => prereqs(),
@@ -218,6 +272,11 @@ fn main() -> Result<()> {
             c.args(only);
             run(&mut c)
         }
+        Cmd::Vm { cmd } => {
+            prereqs()?;
+            let code = in_vm(&cmd.join(" "))?;
+            std::process::exit(code);
+        }
         Cmd::Test { args } => {
             prereqs()?;
             lint()?;
@@ -227,7 +286,12 @@ fn main() -> Result<()> {
                 .args(["test", "--release"])
                 .env("LOCALDNS_BIN", bin)
                 .arg("--")
-                .args(args))
+                .args(&args))?;
+            if args.is_empty() {
+                kernel_tests_in_vm()
+            } else {
+                Ok(())
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use localdns_common::{
     CacheKey, CacheValue, DATA_LEN, KEY_F_EDNS, MAX_QNAME, MAX_TAIL, MAX_TTLS, PLAIN_UDP_MAX,
-    csum_fold, qname_hash,
+    csum_fold, name_span, qname_hash,
 };
 use thiserror::Error;
 
@@ -76,7 +76,8 @@ pub fn value(entry: &Entry, key: &Key) -> Result<CacheValue, EncodeError> {
     }
     v.qname_len = qlen as u16;
     v.data[..qlen].copy_from_slice(&entry.qname);
-    v.data[qlen..qlen + entry.tail.len()].copy_from_slice(&entry.tail);
+    let at = name_span(qlen);
+    v.data[at..at + entry.tail.len()].copy_from_slice(&entry.tail);
     // Checksum of the reply payload with ID, flags, question and TTLs
     // zeroed: the kernel adds those per query.
     let mut img = vec![0u8; tail_at];
@@ -104,7 +105,7 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
         || qlen > MAX_QNAME
         || qlen != k.qname_len as usize
         || tail_len > MAX_TAIL
-        || qlen + tail_len > DATA_LEN
+        || name_span(qlen) + tail_len > DATA_LEN
         || ttls > MAX_TTLS
     {
         return None;
@@ -113,7 +114,7 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
     if qname_hash(seed, &qname) != k.qname_hash {
         return None;
     }
-    let tail = v.data[qlen..qlen + tail_len].to_vec();
+    let tail = v.tail().to_vec();
     let ttl_offsets: Vec<u16> = v.ttl_off[..ttls].to_vec();
     if ttl_offsets.iter().any(|&o| o as usize + 4 > tail_len) {
         return None;
@@ -233,7 +234,7 @@ mod tests {
         assert!(decode(&key(&k, 42), &v, 43).is_none());
         // A corrupted tail no longer matches its checksum.
         let mut bad = v;
-        bad.data[v.qname_len as usize + 20] ^= 0xff;
+        bad.data[name_span(v.qname_len as usize) + 20] ^= 0xff;
         assert!(decode(&key(&k, 42), &bad, 42).is_none());
     }
 
