@@ -1,9 +1,10 @@
 //! An in-process upstream DNS server for fault injection: it answers any A
 //! query with a configurable address and TTL (other types: NODATA with an
 //! SOA), over UDP and TCP (pipelined), and can be switched to drop queries,
-//! answer SERVFAIL, or answer late. Its threads enter the upstream netns
-//! with setns(2) (which only moves the calling thread), so the test process
-//! itself stays where it is. Stopped and joined on drop.
+//! answer SERVFAIL, answer late, or send malformed replies. Messages are
+//! built with hickory-proto (`crate::msg`). Its threads enter the upstream
+//! netns with setns(2) (which only moves the calling thread), so the test
+//! process itself stays where it is. Stopped and joined on drop.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -13,16 +14,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use localdns_user::wire::{self, our_opt, parse_query};
+use hickory_proto::op::Message;
+use hickory_proto::rr::RecordType;
 
+use crate::msg;
 use crate::netns::Netns;
-use crate::soa_rdata;
 
 pub const MODE_NORMAL: u8 = 0;
 pub const MODE_DROP: u8 = 1;
 pub const MODE_SERVFAIL: u8 = 2;
 /// UDP replies are empty with TC=1 (the answer only fits TCP); TCP is normal.
 pub const MODE_TRUNCATE_UDP: u8 = 3;
+/// The answer's RDLENGTH claims more bytes than the message has.
+pub const MODE_BAD_RDATA: u8 = 4;
+/// The answer's owner name is a compression pointer past the message.
+pub const MODE_BAD_POINTER: u8 = 5;
+/// A correct answer followed by garbage bytes.
+pub const MODE_TRAILING: u8 = 6;
+/// Drops the next UDP query only, then answers normally.
+pub const MODE_DROP_ONE_UDP: u8 = 7;
 
 /// What the fake does, changeable while it runs.
 pub struct Ctl {
@@ -61,52 +71,47 @@ pub fn enter_netns(name: &str) {
 
 /// The fake's reply to `q`, or `None` to stay silent.
 fn reply(ctl: &Ctl, q: &[u8], udp: bool) -> Option<Vec<u8>> {
-    let pq = parse_query(q).ok()?;
+    let pq = Message::from_vec(q).ok()?;
+    let question = pq.queries.first()?.clone();
     let mode = ctl.mode.load(Ordering::Relaxed);
     if mode == MODE_DROP {
         return None;
     }
+    if mode == MODE_DROP_ONE_UDP && udp {
+        ctl.mode.store(MODE_NORMAL, Ordering::Relaxed);
+        return None;
+    }
+    let ttl = ctl.ttl.load(Ordering::Relaxed);
+    let owner = question.name().clone();
+    let ip = ctl.answer.load(Ordering::Relaxed).to_be_bytes();
     if mode == MODE_TRUNCATE_UDP && udp {
-        let mut m = q[..pq.question_end].to_vec();
-        m[2..4].copy_from_slice(&0x8380u16.to_be_bytes()); // QR TC RD RA
-        m[6..12].fill(0);
+        let mut m = msg::dns_response(q, 0, &[], &[]);
+        m[2] |= 0x02; // TC
         return Some(m);
     }
-    let mut m = Vec::with_capacity(128);
-    m.extend_from_slice(&q[0..2]);
-    let rcode = if mode == MODE_SERVFAIL { 2 } else { 0 };
-    m.extend_from_slice(&(0x8180u16 | rcode).to_be_bytes());
-    let is_a = pq.qtype == 1 && rcode == 0;
-    let has_soa = pq.qtype != 1 && rcode == 0;
-    m.extend_from_slice(&[
-        0,
-        1,
-        0,
-        u8::from(is_a),
-        0,
-        u8::from(has_soa),
-        0,
-        u8::from(pq.edns.is_some()),
-    ]);
-    m.extend_from_slice(&q[12..pq.question_end]);
-    let ttl = ctl.ttl.load(Ordering::Relaxed);
-    if is_a {
-        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-        m.extend_from_slice(&ttl.to_be_bytes());
-        m.extend_from_slice(&[0, 4]);
-        m.extend_from_slice(&ctl.answer.load(Ordering::Relaxed).to_be_bytes());
+    if mode == MODE_SERVFAIL {
+        return Some(msg::dns_response(q, 2, &[], &[]));
     }
-    if has_soa {
-        let rd = soa_rdata(ttl);
-        m.extend_from_slice(&[0xc0, 12, 0, 6, 0, 1]);
-        m.extend_from_slice(&ttl.to_be_bytes());
-        m.extend_from_slice(&(rd.len() as u16).to_be_bytes());
-        m.extend_from_slice(&rd);
+    let mut m = if question.query_type() == RecordType::A {
+        msg::dns_response(q, 0, &[msg::a(&owner, ttl, ip)], &[])
+    } else {
+        let zone = owner.base_name().to_ascii();
+        msg::dns_response(q, 0, &[], &[msg::soa(&zone, ttl, ttl)])
+    };
+    let qend = 12 + question.name().len() + 4;
+    match mode {
+        // The first record's owner is a 2-byte pointer, so RDLENGTH sits
+        // at qend + 10.
+        MODE_BAD_RDATA if m.len() > qend + 12 => {
+            let l = u16::from_be_bytes([m[qend + 10], m[qend + 11]]) + 200;
+            m[qend + 10..qend + 12].copy_from_slice(&l.to_be_bytes());
+        }
+        MODE_BAD_POINTER if m.len() > qend + 2 => {
+            m[qend..qend + 2].copy_from_slice(&[0xc3, 0xff]);
+        }
+        MODE_TRAILING => m.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]),
+        _ => {}
     }
-    if let Some(e) = pq.edns {
-        m.extend_from_slice(&our_opt(e.do_bit, 0));
-    }
-    debug_assert!(wire::walk_response(&m).is_ok());
     Some(m)
 }
 

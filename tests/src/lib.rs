@@ -4,10 +4,13 @@
 
 pub mod fake;
 pub mod load;
+pub mod msg;
 pub mod netns;
 pub mod topo;
 
 use std::net::Ipv4Addr;
+
+pub use msg::{QEdns, dns_query, dns_response};
 
 /// RFC 1071 checksum, written the textbook way (big-endian words), to
 /// check the kernel's incremental arithmetic against.
@@ -121,106 +124,6 @@ pub fn udp_segment(
     }
     u[6..8].copy_from_slice(&c.to_be_bytes());
     u
-}
-
-/// Wire name from text, case kept ("WwW.example.test" -> 3WwW7example4test0).
-pub fn wire_name(name: &str) -> Vec<u8> {
-    let mut w = Vec::new();
-    for l in name
-        .trim_end_matches('.')
-        .split('.')
-        .filter(|l| !l.is_empty())
-    {
-        w.push(l.len() as u8);
-        w.extend_from_slice(l.as_bytes());
-    }
-    w.push(0);
-    w
-}
-
-/// EDNS part of a test query.
-#[derive(Clone)]
-pub struct QEdns {
-    pub udp_size: u16,
-    pub do_bit: bool,
-    /// Raw option bytes (e.g. a COOKIE, as dig sends by default).
-    pub options: Vec<u8>,
-}
-
-/// A DNS query message.
-pub fn dns_query(id: u16, name: &str, qtype: u16, flags: u16, edns: Option<&QEdns>) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&id.to_be_bytes());
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
-    m.extend_from_slice(&wire_name(name));
-    m.extend_from_slice(&qtype.to_be_bytes());
-    m.extend_from_slice(&1u16.to_be_bytes());
-    if let Some(e) = edns {
-        m.push(0);
-        m.extend_from_slice(&41u16.to_be_bytes());
-        m.extend_from_slice(&e.udp_size.to_be_bytes());
-        m.extend_from_slice(&[0, 0, if e.do_bit { 0x80 } else { 0 }, 0]);
-        m.extend_from_slice(&(e.options.len() as u16).to_be_bytes());
-        m.extend_from_slice(&e.options);
-    }
-    m
-}
-
-/// A resource record for [`dns_response`]; `name` is wire bytes (a
-/// compression pointer such as `[0xc0, 12]` is fine).
-pub struct Rr {
-    pub name: Vec<u8>,
-    pub rtype: u16,
-    pub ttl: u32,
-    pub rdata: Vec<u8>,
-}
-
-impl Rr {
-    pub fn new(name: &[u8], rtype: u16, ttl: u32, rdata: &[u8]) -> Self {
-        Rr {
-            name: name.to_vec(),
-            rtype,
-            ttl,
-            rdata: rdata.to_vec(),
-        }
-    }
-}
-
-/// An upstream reply to `query` (its ID and question copied), with an OPT
-/// record at the end when the query had one.
-pub fn dns_response(query: &[u8], rcode: u8, answers: &[Rr], authority: &[Rr]) -> Vec<u8> {
-    let q = localdns_user::wire::parse_query(query).expect("test query parses");
-    let mut m = Vec::new();
-    m.extend_from_slice(&query[0..2]);
-    m.extend_from_slice(&(0x8580u16 | u16::from(rcode)).to_be_bytes()); // QR AA RD RA
-    m.extend_from_slice(&1u16.to_be_bytes());
-    m.extend_from_slice(&(answers.len() as u16).to_be_bytes());
-    m.extend_from_slice(&(authority.len() as u16).to_be_bytes());
-    m.extend_from_slice(&u16::from(q.edns.is_some()).to_be_bytes());
-    m.extend_from_slice(&query[12..q.question_end]);
-    for rr in answers.iter().chain(authority) {
-        m.extend_from_slice(&rr.name);
-        m.extend_from_slice(&rr.rtype.to_be_bytes());
-        m.extend_from_slice(&1u16.to_be_bytes());
-        m.extend_from_slice(&rr.ttl.to_be_bytes());
-        m.extend_from_slice(&(rr.rdata.len() as u16).to_be_bytes());
-        m.extend_from_slice(&rr.rdata);
-    }
-    if let Some(e) = q.edns {
-        m.extend_from_slice(&localdns_user::wire::our_opt(e.do_bit, 0));
-    }
-    m
-}
-
-/// SOA rdata with the given MINIMUM.
-pub fn soa_rdata(minimum: u32) -> Vec<u8> {
-    let mut r = wire_name("ns.example.test");
-    r.extend_from_slice(&wire_name("admin.example.test"));
-    for v in [1u32, 3600, 600, 86400, minimum] {
-        r.extend_from_slice(&v.to_be_bytes());
-    }
-    r
 }
 
 /// True when running as root (needed for BPF and namespaces).

@@ -165,8 +165,9 @@ fn cookie() -> Vec<u8> {
     o
 }
 
-fn a_rr(ttl: u32, ip: [u8; 4]) -> Rr {
-    Rr::new(&[0xc0, 12], 1, ttl, &ip)
+/// An A record owned by the question name of `q`.
+fn a_rr(q: &[u8], ttl: u32, ip: [u8; 4]) -> hickory_proto::rr::Record {
+    msg::a(&msg::qname_of(q), ttl, ip)
 }
 
 enum Expect {
@@ -193,46 +194,36 @@ fn resp_a(q: &[u8]) -> Vec<u8> {
     dns_response(
         q,
         0,
-        &[a_rr(300, [192, 0, 2, 10]), a_rr(120, [192, 0, 2, 11])],
+        &[a_rr(q, 300, [192, 0, 2, 10]), a_rr(q, 120, [192, 0, 2, 11])],
         &[],
     )
 }
 fn resp_short(q: &[u8]) -> Vec<u8> {
-    dns_response(q, 0, &[a_rr(2, [192, 0, 2, 10])], &[])
+    dns_response(q, 0, &[a_rr(q, 2, [192, 0, 2, 10])], &[])
 }
 fn resp_aaaa(q: &[u8]) -> Vec<u8> {
-    let ip6 = [
-        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
-    ];
-    dns_response(q, 0, &[Rr::new(&[0xc0, 12], 28, 600, &ip6)], &[])
+    let ip6 = "2001:db8::10".parse().unwrap();
+    dns_response(q, 0, &[msg::aaaa(&msg::qname_of(q), 600, ip6)], &[])
 }
 fn resp_cname(q: &[u8]) -> Vec<u8> {
-    // alias.example.test CNAME www.example.test; www A 192.0.2.10
-    let mut target = vec![3];
-    target.extend_from_slice(b"www");
-    target.extend_from_slice(&[0xc0, 18]); // "example.test" inside the qname
-    let www_at = 12 + wire_name("alias.example.test").len() as u8 + 4 + 12;
+    // alias.example.test CNAME www.example.test; www A 192.0.2.10 (the
+    // encoder compresses both names into the question's).
+    let www = msg::name("www.example.test.");
     dns_response(
         q,
         0,
         &[
-            Rr::new(&[0xc0, 12], 5, 3600, &target),
-            Rr::new(&[0xc0, www_at], 1, 45, &[192, 0, 2, 10]),
+            msg::cname(&msg::qname_of(q), 3600, "www.example.test."),
+            msg::a(&www, 45, [192, 0, 2, 10]),
         ],
         &[],
     )
 }
 fn resp_nxdomain(q: &[u8]) -> Vec<u8> {
-    let zone_at = 12 + 8; // "example.test" after the "nothere" label
-    dns_response(
-        q,
-        3,
-        &[],
-        &[Rr::new(&[0xc0, zone_at], 6, 300, &soa_rdata(60))],
-    )
+    dns_response(q, 3, &[], &[msg::soa("example.test.", 300, 60)])
 }
 fn resp_big(q: &[u8]) -> Vec<u8> {
-    let rrs: Vec<Rr> = (0..30).map(|i| a_rr(300, [10, 0, 0, i])).collect();
+    let rrs: Vec<_> = (0..30).map(|i| a_rr(q, 300, [10, 0, 0, i])).collect();
     dns_response(q, 0, &rrs, &[])
 }
 
@@ -837,11 +828,13 @@ fn torn_reads_are_never_sent() {
     assert!(cpus >= 2, "needs two CPUs");
     let qx = dns_query(0x7001, "x.race.test", 1, 0x0100, None);
     let qy = dns_query(0x7002, "yyyyyy.race.test", 1, 0x0100, None);
-    let rx = dns_response(&qx, 0, &[a_rr(300, [10, 0, 0, 1])], &[]);
+    let rx = dns_response(&qx, 0, &[a_rr(&qx, 300, [10, 0, 0, 1])], &[]);
     let ry = dns_response(
         &qy,
         0,
-        &(2..6).map(|i| a_rr(300, [10, 0, 0, i])).collect::<Vec<_>>(),
+        &(2..6)
+            .map(|i| a_rr(&qy, 300, [10, 0, 0, i]))
+            .collect::<Vec<_>>(),
         &[],
     );
     let frame = udp_to(VNET, 53).build(&qx);

@@ -846,7 +846,7 @@ fn plot(results: &[Value]) -> String {
 /// fast path, and the null responder (the XDP_TX ceiling) on the same query.
 fn prog_test_run_ns() -> Value {
     use aya::programs::Xdp;
-    use localdns_tests::{FrameSpec, QEdns, Rr, dns_query, dns_response};
+    use localdns_tests::{FrameSpec, QEdns, dns_query, dns_response};
     use localdns_user::cache::{Entry, Key, mono_ns};
     use localdns_user::wire::parse_query;
     let (vnet, client) = (
@@ -867,7 +867,16 @@ fn prog_test_run_ns() -> Value {
         options: vec![],
     };
     let q = dns_query(7, "h1.bench.test", 1, 0x0100, Some(&edns));
-    let resp = dns_response(&q, 0, &[Rr::new(&[0xc0, 12], 1, 3600, &[10, 0, 0, 1])], &[]);
+    let resp = dns_response(
+        &q,
+        0,
+        &[localdns_tests::msg::a(
+            &localdns_tests::msg::qname_of(&q),
+            3600,
+            [10, 0, 0, 1],
+        )],
+        &[],
+    );
     let pq = parse_query(&q).unwrap();
     let e = Entry::from_upstream(&pq, &resp, 3600, 0, mono_ns()).unwrap();
     let key = Key::of(localdns_common::VIEW_VNET, &pq);
