@@ -8,13 +8,13 @@
 
 use localdns_common::{
     CacheValue, FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
-    FAULT_RACE_NO_UNDO, MAX_QNAME, MAX_TAIL, MAX_TTLS, SAVE_MAX, STAT_DROP_ERROR, STAT_EXPIRED,
-    STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_SIZE, Scratch, csum_fold,
-    name_span,
+    FAULT_RACE_NO_UNDO, KEY_F_DO, MAX_QNAME, MAX_TAIL, MAX_TTLS, SAVE_MAX, STAT_DROP_ERROR,
+    STAT_EXPIRED, STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_SIZE, Scratch,
+    csum_fold, name_span,
 };
 
 use crate::packet::{Packet, ResizeError, launder, ld16, ld64, opaque, ptr_at, st16, st64, swap16};
-use crate::query::{DNS_OFF, F_RD, IP_OFF, Q_OFF, Query, UDP_OFF};
+use crate::query::{DNS_OFF, F_AD, F_CD, F_RD, IP_OFF, Q_OFF, Query, UDP_OFF};
 
 /// Compiler barrier: memory accesses are not moved across it (BPF has no
 /// fence instruction, and LLVM's BPF backend cannot lower
@@ -124,7 +124,17 @@ pub fn checksum<P: Packet>(p: &P, q: &Query, v: &CacheValue, f: &Fresh) -> Resul
     let ip = unsafe { head.add(IP_OFF) };
     let udp = unsafe { head.add(UDP_OFF) };
     let hdr = unsafe { head.add(DNS_OFF) };
-    let rflags = v.flags_be | (ld16(unsafe { hdr.add(2) }) & F_RD.to_be());
+    // A recursive service's flags (the daemon's wire::reply_flags): the
+    // entry's QR, RA, RCODE; RD and CD from the query; AD only when the
+    // query set DO or AD (RFC 6840 §5.8).
+    let qf = ld16(unsafe { hdr.add(2) });
+    let ad_wanted = q.kflags & KEY_F_DO != 0 || qf & F_AD.to_be() != 0;
+    let base = if ad_wanted {
+        v.flags_be
+    } else {
+        v.flags_be & !F_AD.to_be()
+    };
+    let rflags = base | (qf & (F_RD | F_CD).to_be());
     let ttl_be = f.ttl_now.to_be();
     let ttl_w = csum_fold((ttl_be & 0xffff) as u64 + (ttl_be >> 16) as u64) as u64;
     let ttl_sum = v.ttl_even as u64 * ttl_w + v.ttl_odd as u64 * swap16(ttl_w as u16) as u64;

@@ -24,6 +24,7 @@ pub const F_OPCODE: u16 = 0x7800;
 pub const F_TC: u16 = 0x0200;
 pub const F_RD: u16 = 0x0100;
 pub const F_Z: u16 = 0x0040;
+pub const F_AD: u16 = 0x0020;
 pub const F_CD: u16 = 0x0010;
 pub const F_RCODE: u16 = 0x000f;
 

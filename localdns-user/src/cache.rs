@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use crate::wire::{
-    self, F_AD, F_CD, F_QR, F_RA, F_RD, F_TC, HEADER_LEN, Query, RCODE_NOERROR, RCODE_NXDOMAIN,
-    be16,
+    self, F_AD, F_QR, F_RA, F_TC, HEADER_LEN, Query, RCODE_NOERROR, RCODE_NXDOMAIN, be16,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -64,7 +63,8 @@ impl Key {
 pub struct Entry {
     /// Lower-cased wire qname.
     pub qname: Vec<u8>,
-    /// Header flags of the reply with RD cleared (the query's RD is copied).
+    /// Header flags: QR, RA and the answer's own AD and RCODE; the bits
+    /// that depend on the query come from [`wire::reply_flags`] per reply.
     pub flags: u16,
     /// QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT.
     pub counts: [u16; 4],
@@ -149,11 +149,11 @@ impl Entry {
             .iter()
             .map(|&o| (o - qend) as u16)
             .collect();
-        // A cache is not authoritative and does offer recursion.
-        let keep = F_QR | F_AD | F_CD | 0xf;
+        // What of the answer's flags is the answer's: AD and RCODE (the
+        // rest is the recursive service's, per query: wire::reply_flags).
         Ok(Entry {
             qname: q.qname_lower.clone(),
-            flags: (flags & keep) | F_RA,
+            flags: (flags & (F_AD | 0xf)) | F_QR | F_RA,
             counts,
             tail,
             ttl_offsets,
@@ -186,7 +186,8 @@ impl Entry {
         }
         let mut m = Vec::with_capacity(len);
         m.extend_from_slice(&raw[0..2]);
-        m.extend_from_slice(&(self.flags | (q.flags & F_RD)).to_be_bytes());
+        let do_bit = q.edns.is_some_and(|e| e.do_bit);
+        m.extend_from_slice(&wire::reply_flags(self.flags, q.flags, do_bit).to_be_bytes());
         for c in self.counts {
             m.extend_from_slice(&c.to_be_bytes());
         }
@@ -366,7 +367,7 @@ pub(crate) mod tests {
             .render(&raw, &q, now + 7 * NS + 500_000_000, 4096)
             .unwrap();
         assert_eq!(&out[0..2], &[0x12, 0x34]);
-        assert_eq!(be16(&out, 2) & F_RD, F_RD);
+        assert_eq!(be16(&out, 2) & wire::F_RD, wire::F_RD);
         assert_eq!(&out[12..q.question_end], &raw[12..q.question_end]);
         let parsed = wire::walk_response(&out).unwrap().1;
         for o in parsed.ttl_offsets {

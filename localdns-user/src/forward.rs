@@ -1,12 +1,25 @@
-//! Forwarding to upstream servers. UDP: a fresh socket (random port) per
-//! query, retried over TCP when the reply is truncated. TCP: one persistent
-//! connection per upstream carrying pipelined queries (RFC 7766): frames are
-//! length-prefixed, replies may come in any order and are matched by ID.
-//! A reply is accepted only if its ID and question match what we sent.
+//! Forwarding to upstream servers, in the manner of CoreDNS `forward`.
+//!
+//! - One query tries upstreams in the zone's policy order (healthy ones
+//!   first), one second per try, until it has an answer or its 3 s budget
+//!   is spent: a lost UDP datagram is retransmitted, a dead upstream is
+//!   passed over.
+//! - UDP: a fresh socket (random port and ID) per try; retried over TCP
+//!   when the reply is truncated (PreferUDP).
+//! - TCP: one persistent connection per upstream carrying pipelined queries
+//!   (RFC 7766), matched by ID. Keepalive and `TCP_USER_TIMEOUT` make the
+//!   kernel abort a connection whose packets vanish (a CoreDNS pod gone
+//!   behind the service IP, no RST); a try that times out kills the
+//!   connection too; either way the next try opens a new one. Idle
+//!   connections close after 10 s.
+//! - Health: an upstream failing twice in a row is marked down and probed
+//!   with `. IN NS` every 0.5 s until it answers.
+//! - Every reply must match the query (ID, question) and decode completely
+//!   ([`crate::validate`]); a malformed one fails the try.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,20 +27,28 @@ use rand::Rng;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::cache::mono_ns;
 use crate::config::{Policy, Protocol};
+use crate::validate;
 use crate::wire::{self, F_TC, Query};
 
-/// Time allowed for one upstream to answer one attempt.
-pub const TRY_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Time allowed for the whole exchange over all upstreams.
+/// Time allowed for one try at one upstream.
+pub const TRY_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Time allowed for the whole exchange over all tries and upstreams.
 pub const TOTAL_TIMEOUT: Duration = Duration::from_millis(3000);
-/// An upstream with this many consecutive failures is skipped until re-probed.
-const FAILS_UNHEALTHY: u32 = 2;
-/// How long an unhealthy upstream is skipped before a query probes it again.
-const REPROBE_NS: u64 = 2_000_000_000;
+/// Consecutive failures that mark an upstream down (CoreDNS `max_fails`).
+const MAX_FAILS: u32 = 2;
+/// Health-check interval of an upstream marked down.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Idle persistent connections close after this (CoreDNS `expire`).
+pub const TCP_EXPIRE: Duration = Duration::from_secs(10);
+/// Unacknowledged data older than this aborts a connection.
+const TCP_USER_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Keepalive on idle connections: first probe, interval, count.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(5), Duration::from_secs(1), 2);
 
 #[derive(Debug, Error)]
 pub enum ForwardError {
@@ -45,18 +66,39 @@ pub enum ForwardError {
     },
     #[error("upstream {addr} closed the connection")]
     Closed { addr: SocketAddr },
+    #[error("upstream {addr} sent a malformed reply: {source}")]
+    Malformed {
+        addr: SocketAddr,
+        #[source]
+        source: validate::Malformed,
+    },
     #[error("all upstreams failed; last error: {last}")]
     AllFailed { last: Box<ForwardError> },
+    #[error("upstream fetch aborted: {0}")]
+    Aborted(String),
 }
 
-/// One upstream server and its TCP connection.
+impl ForwardError {
+    /// The malformed reply behind this error, if that is what it is.
+    pub fn is_malformed(&self) -> bool {
+        match self {
+            ForwardError::Malformed { .. } => true,
+            ForwardError::AllFailed { last } => last.is_malformed(),
+            _ => false,
+        }
+    }
+}
+
+/// One upstream server: its health and its TCP connection.
 pub struct Upstream {
     pub addr: SocketAddr,
     conn: tokio::sync::Mutex<Option<Arc<TcpConn>>>,
     fails: AtomicU32,
-    last_fail_ns: AtomicU64,
+    down: AtomicBool,
     /// Queries sent to this upstream (for tests and metrics).
     pub sent: AtomicU64,
+    /// Health checks that got no answer.
+    pub health_failures: AtomicU64,
 }
 
 impl Upstream {
@@ -65,42 +107,80 @@ impl Upstream {
             addr,
             conn: tokio::sync::Mutex::new(None),
             fails: AtomicU32::new(0),
-            last_fail_ns: AtomicU64::new(0),
+            down: AtomicBool::new(false),
             sent: AtomicU64::new(0),
+            health_failures: AtomicU64::new(0),
         })
     }
 
-    fn healthy(&self, now_ns: u64) -> bool {
-        self.fails.load(Ordering::Relaxed) < FAILS_UNHEALTHY
-            || now_ns.saturating_sub(self.last_fail_ns.load(Ordering::Relaxed)) > REPROBE_NS
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
     }
 
-    fn record(&self, ok: bool) {
+    /// Counts a try's outcome; the second failure in a row marks the
+    /// upstream down and starts its health checks.
+    fn record(self: &Arc<Self>, ok: bool, proto: Protocol) {
         if ok {
             self.fails.store(0, Ordering::Relaxed);
-        } else {
-            self.fails.fetch_add(1, Ordering::Relaxed);
-            self.last_fail_ns.store(mono_ns(), Ordering::Relaxed);
+            return;
+        }
+        let n = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= MAX_FAILS && !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(upstream = %self.addr, "upstream marked down after {n} failures; health-checking it");
+            let me = self.clone();
+            tokio::spawn(async move { me.health_check(proto).await });
         }
     }
 
-    /// One exchange with this upstream: `msg` is sent with a fresh ID and the
-    /// matching reply returned.
-    pub async fn exchange(&self, q: &Query, proto: Protocol) -> Result<Vec<u8>, ForwardError> {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        match proto {
-            Protocol::ForceTcp => self.exchange_tcp(q).await,
-            Protocol::PreferUdp => {
-                let r = self.exchange_udp(q).await?;
-                if wire::be16(&r, 2) & F_TC != 0 {
-                    return self.exchange_tcp(q).await;
+    /// `. IN NS` every 0.5 s until any answer comes back.
+    async fn health_check(self: Arc<Self>, proto: Protocol) {
+        let probe = wire::parse_query(&wire::probe_query()).expect("static probe parses");
+        loop {
+            tokio::time::sleep(HEALTH_CHECK_EVERY).await;
+            let deadline = Instant::now() + TRY_TIMEOUT;
+            match self.exchange(&probe, proto, deadline).await {
+                Ok(_) => {
+                    self.fails.store(0, Ordering::Relaxed);
+                    self.down.store(false, Ordering::Relaxed);
+                    tracing::info!(upstream = %self.addr, "upstream healthy again");
+                    return;
                 }
-                Ok(r)
+                Err(e) => {
+                    self.health_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(upstream = %self.addr, error = %e, "health check failed");
+                }
             }
         }
     }
 
-    async fn exchange_udp(&self, q: &Query) -> Result<Vec<u8>, ForwardError> {
+    /// One try with this upstream before `deadline`: `q` is sent with a
+    /// fresh ID and the matching, well-formed reply returned.
+    pub async fn exchange(
+        &self,
+        q: &Query,
+        proto: Protocol,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ForwardError> {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let r = match proto {
+            Protocol::ForceTcp => self.exchange_tcp(q, deadline).await?,
+            Protocol::PreferUdp => {
+                let r = self.exchange_udp(q, deadline).await?;
+                if wire::be16(&r, 2) & F_TC != 0 {
+                    self.exchange_tcp(q, deadline).await?
+                } else {
+                    r
+                }
+            }
+        };
+        validate::upstream_reply(&r).map_err(|source| ForwardError::Malformed {
+            addr: self.addr,
+            source,
+        })?;
+        Ok(r)
+    }
+
+    async fn exchange_udp(&self, q: &Query, deadline: Instant) -> Result<Vec<u8>, ForwardError> {
         let addr = self.addr;
         let io = |source| ForwardError::Io { addr, source };
         let bind: SocketAddr = if addr.is_ipv4() {
@@ -117,7 +197,6 @@ impl Upstream {
         // and freeing those per query made glibc consolidate its heap each
         // time, slower and slower as the cache filled it.
         let mut buf = [0u8; 4096];
-        let deadline = tokio::time::Instant::now() + TRY_TIMEOUT;
         loop {
             let n = match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
                 Err(_) => return Err(ForwardError::Timeout { addr }),
@@ -130,34 +209,40 @@ impl Upstream {
         }
     }
 
-    async fn exchange_tcp(&self, q: &Query) -> Result<Vec<u8>, ForwardError> {
+    async fn exchange_tcp(&self, q: &Query, deadline: Instant) -> Result<Vec<u8>, ForwardError> {
         let addr = self.addr;
-        let deadline = tokio::time::Instant::now() + TRY_TIMEOUT;
-        // A connection that died between queries gets one fresh retry.
+        // A connection that dies under the query gets one fresh retry.
         for attempt in 0..2 {
-            let conn = {
-                let mut slot = self.conn.lock().await;
-                match slot.as_ref() {
-                    Some(c) if !c.is_closed() => c.clone(),
-                    _ => {
-                        let c =
-                            match tokio::time::timeout_at(deadline, TcpConn::connect(addr)).await {
-                                Err(_) => return Err(ForwardError::Timeout { addr }),
-                                Ok(r) => r?,
-                            };
-                        *slot = Some(c.clone());
-                        c
-                    }
-                }
-            };
+            let conn = self.tcp_conn(deadline).await?;
             match tokio::time::timeout_at(deadline, conn.query(q)).await {
-                Err(_) => return Err(ForwardError::Timeout { addr }),
+                Err(_) => {
+                    // No answer in time: the connection may be dead without
+                    // knowing it. The next try opens a new one.
+                    conn.kill();
+                    return Err(ForwardError::Timeout { addr });
+                }
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(ForwardError::Closed { .. })) if attempt == 0 => continue,
                 Ok(Err(e)) => return Err(e),
             }
         }
         Err(ForwardError::Closed { addr })
+    }
+
+    /// The live connection, or a new one.
+    async fn tcp_conn(&self, deadline: Instant) -> Result<Arc<TcpConn>, ForwardError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let c = match tokio::time::timeout_at(deadline, TcpConn::connect(self.addr)).await {
+            Err(_) => return Err(ForwardError::Timeout { addr: self.addr }),
+            Ok(r) => r?,
+        };
+        *slot = Some(c.clone());
+        Ok(c)
     }
 }
 
@@ -168,7 +253,21 @@ struct TcpConn {
     addr: SocketAddr,
     tx: mpsc::Sender<Vec<u8>>,
     pending: Pending,
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    closed: Arc<AtomicBool>,
+    kill: Arc<Notify>,
+}
+
+/// Socket options of an upstream connection: no Nagle, keepalive, and
+/// `TCP_USER_TIMEOUT` so a silent peer is given up on within a second.
+fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let s = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE.0)
+        .with_interval(KEEPALIVE.1)
+        .with_retries(KEEPALIVE.2);
+    s.set_tcp_keepalive(&ka)?;
+    s.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))
 }
 
 impl TcpConn {
@@ -176,16 +275,20 @@ impl TcpConn {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ForwardError::Io { addr, source })?;
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = tune(&stream) {
+            tracing::debug!(upstream = %addr, error = %e, "tcp socket options");
+        }
         let (mut rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = Arc::new(AtomicBool::new(false));
+        let kill = Arc::new(Notify::new());
         let conn = Arc::new(TcpConn {
             addr,
             tx,
             pending: pending.clone(),
             closed: closed.clone(),
+            kill: kill.clone(),
         });
         let wclosed = closed.clone();
         tokio::spawn(async move {
@@ -209,8 +312,20 @@ impl TcpConn {
         tokio::spawn(async move {
             let mut len = [0u8; 2];
             loop {
-                if rd.read_exact(&mut len).await.is_err() {
-                    break;
+                let read = tokio::select! {
+                    r = tokio::time::timeout(TCP_EXPIRE, rd.read_exact(&mut len)) => r,
+                    _ = kill.notified() => break,
+                };
+                match read {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => break,
+                    // Quiet for the expiry time: close once nothing waits.
+                    Err(_) => {
+                        if pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                            break;
+                        }
+                        continue;
+                    }
                 }
                 let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
                 if rd.read_exact(&mut msg).await.is_err() {
@@ -229,7 +344,8 @@ impl TcpConn {
                 }
             }
             closed.store(true, Ordering::Relaxed);
-            // Dropping the senders fails every query still waiting.
+            // Dropping the senders fails every query still waiting, so they
+            // retry on a new connection at once.
             pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
         Ok(conn)
@@ -237,6 +353,12 @@ impl TcpConn {
 
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Closes the connection: new queries go to a new one.
+    fn kill(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.kill.notify_one();
     }
 
     async fn query(&self, q: &Query) -> Result<Vec<u8>, ForwardError> {
@@ -319,7 +441,7 @@ impl Forwarder {
     }
 
     /// The order in which upstreams are tried for one query: healthy ones
-    /// by policy, then unhealthy ones as a last resort.
+    /// by policy, then those marked down as a last resort.
     fn order(&self) -> Vec<Arc<Upstream>> {
         let n = self.upstreams.len();
         let start = match self.policy {
@@ -327,15 +449,15 @@ impl Forwarder {
             Policy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n.max(1),
             Policy::Random => rand::rng().random_range(0..n.max(1)),
         };
-        let now = mono_ns();
         let rotated = (0..n).map(|i| self.upstreams[(start + i) % n].clone());
-        let (mut good, bad): (Vec<_>, Vec<_>) = rotated.partition(|u| u.healthy(now));
+        let (mut good, bad): (Vec<_>, Vec<_>) = rotated.partition(|u| !u.is_down());
         good.extend(bad);
         good
     }
 
     /// Resolves `q` upstream: REFUSED-worthy [`ForwardError::Overloaded`] at
-    /// once beyond maxConcurrent, otherwise the first matching reply.
+    /// once beyond maxConcurrent, otherwise the first good reply of tries
+    /// going round the upstreams (one second each) within the budget.
     pub async fn resolve(&self, q: &Query) -> Result<Vec<u8>, ForwardError> {
         let _permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -348,32 +470,43 @@ impl Forwarder {
         if self.upstreams.is_empty() {
             return Err(ForwardError::NoUpstream);
         }
-        let work = async {
-            let mut last = None;
-            for u in self.order() {
-                match u.exchange(q, self.protocol).await {
-                    Ok(r) => {
-                        u.record(true);
-                        return Ok(r);
+        let order = self.order();
+        let end = Instant::now() + TOTAL_TIMEOUT;
+        let mut last = None;
+        // Upstreams that sent garbage are not asked again for this query.
+        let mut spoiled = vec![false; order.len()];
+        let mut i = 0;
+        while Instant::now() < end && spoiled.iter().any(|s| !s) {
+            let k = i % order.len();
+            i += 1;
+            if spoiled[k] {
+                continue;
+            }
+            let u = &order[k];
+            let deadline = (Instant::now() + TRY_TIMEOUT).min(end);
+            let started = mono_ns();
+            match u.exchange(q, self.protocol, deadline).await {
+                Ok(r) => {
+                    u.record(true, self.protocol);
+                    return Ok(r);
+                }
+                Err(e) => {
+                    u.record(false, self.protocol);
+                    spoiled[k] = e.is_malformed();
+                    tracing::debug!(upstream = %u.addr, error = %e, ms = (mono_ns() - started) / 1_000_000, "upstream try failed");
+                    // A fast failure (refused, reset) leaves time: wait a
+                    // moment rather than spin over the same upstreams.
+                    if mono_ns() - started < 20_000_000 && order.len() == 1 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    Err(e) => {
-                        u.record(false);
-                        tracing::debug!(upstream = %u.addr, error = %e, "upstream attempt failed");
-                        last = Some(e);
-                    }
+                    last = Some(e);
                 }
             }
-            Err(ForwardError::AllFailed {
-                last: Box::new(last.unwrap_or(ForwardError::NoUpstream)),
-            })
-        };
-        match tokio::time::timeout(TOTAL_TIMEOUT, work).await {
-            Ok(r) => r,
-            Err(_) => Err(ForwardError::AllFailed {
-                last: Box::new(ForwardError::Timeout {
-                    addr: self.upstreams[0].addr,
-                }),
-            }),
         }
+        Err(ForwardError::AllFailed {
+            last: Box::new(last.unwrap_or(ForwardError::Timeout {
+                addr: order[0].addr,
+            })),
+        })
     }
 }

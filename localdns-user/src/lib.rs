@@ -9,4 +9,5 @@ pub mod ifaces;
 pub mod listen;
 pub mod metrics;
 pub mod resolver;
+pub mod validate;
 pub mod wire;

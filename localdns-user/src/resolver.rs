@@ -7,10 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use localdns_common::VIEW_KUBE;
 
 use crate::cache::{Cache, Entry, Key, mono_ns};
-use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone};
+use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone, ZoneSettings};
 use crate::fastpath::Fastpath;
 use crate::forward::{ForwardError, Forwarder, Upstream};
 use crate::wire::{
@@ -26,8 +30,16 @@ pub enum Transport {
 
 struct ZoneRt {
     zone: Zone,
-    fwd: Forwarder,
+    fwd: Arc<Forwarder>,
 }
+
+/// How long serveStale Verify waits for the upstream before it serves the
+/// stale answer (one upstream try).
+const VERIFY_WAIT: std::time::Duration = crate::forward::TRY_TIMEOUT;
+
+/// An upstream fetch in flight, shared by every identical miss that
+/// arrives meanwhile: one upstream query, one store, the same outcome.
+type Flight = Shared<BoxFuture<'static, Result<Stored, Arc<ForwardError>>>>;
 
 /// Daemon-side counters (the kernel's are in the stats map).
 #[derive(Default)]
@@ -39,6 +51,10 @@ pub struct Counters {
     pub servfail: AtomicU64,
     pub refused: AtomicU64,
     pub formerr: AtomicU64,
+    /// Upstream replies that did not decode (answered SERVFAIL).
+    pub malformed: AtomicU64,
+    /// Misses answered by joining an identical miss already in flight.
+    pub coalesced: AtomicU64,
 }
 
 /// The zones of both views, swapped as a whole on reload.
@@ -51,6 +67,7 @@ pub struct Resolver {
     pub cache: Cache,
     pub fastpath: Option<Arc<Fastpath>>,
     refreshing: Mutex<HashSet<Key>>,
+    flights: DashMap<Key, Flight>,
     /// When [`Resolver::sweep`] last ran (CLOCK_MONOTONIC ns).
     last_sweep_ns: AtomicU64,
     pub counters: Counters,
@@ -78,6 +95,7 @@ impl Resolver {
             cache: Cache::new(200_000),
             fastpath,
             refreshing: Mutex::new(HashSet::new()),
+            flights: DashMap::new(),
             last_sweep_ns: AtomicU64::new(0),
             counters: Counters::default(),
         })
@@ -252,7 +270,23 @@ impl Resolver {
             }
         }
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        match self.forward_and_store(zone, q, key).await {
+        let fetch = self.forward_and_store(zone, q, key);
+        // serveStale Verify with a stale answer at hand: the upstream gets
+        // one try's time; after that the stale answer goes out and the
+        // fetch goes on (its flight stores the fresh answer when it comes).
+        let fetched = match (&cached, zone.zone.settings.serve_stale) {
+            (Some(e), ServeStale::Verify) => {
+                match tokio::time::timeout(VERIFY_WAIT, fetch.boxed()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+                        return self.render(e, raw, q, mono_ns(), max);
+                    }
+                }
+            }
+            _ => fetch.await,
+        };
+        match fetched {
             Ok(Stored::Entry(e)) => self.render(&e, raw, q, mono_ns(), max),
             Ok(Stored::Relay(resp)) => {
                 let stale_ok = zone.zone.settings.serve_stale != ServeStale::Disable;
@@ -262,12 +296,15 @@ impl Resolver {
                 }
                 relay(&resp, raw, q, max)
             }
-            Err(ForwardError::Overloaded { limit }) => {
+            Err(err) if matches!(*err, ForwardError::Overloaded { .. }) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(zone = %zone.zone.text, limit, "maxConcurrent reached: REFUSED");
+                tracing::debug!(zone = %zone.zone.text, %err, "maxConcurrent reached: REFUSED");
                 wire::error_reply(raw, Some(q), RCODE_REFUSED, false).unwrap_or_default()
             }
             Err(err) => {
+                if err.is_malformed() {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                }
                 let stale_ok = zone.zone.settings.serve_stale != ServeStale::Disable;
                 if let (Some(e), true) = (&cached, stale_ok) {
                     self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
@@ -290,14 +327,55 @@ impl Resolver {
             .unwrap_or_default()
     }
 
+    /// Fetches `q` upstream and stores a cacheable answer, once for all
+    /// identical misses in flight together.
     async fn forward_and_store(
-        &self,
+        self: &Arc<Self>,
         zone: &ZoneRt,
         q: &Query,
         key: Key,
+    ) -> Result<Stored, Arc<ForwardError>> {
+        let flight = match self.flights.entry(key.clone()) {
+            MapEntry::Occupied(f) => {
+                self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                f.get().clone()
+            }
+            MapEntry::Vacant(v) => {
+                let (me, fwd, s, q, k) = (
+                    self.clone(),
+                    zone.fwd.clone(),
+                    zone.zone.settings.clone(),
+                    q.clone(),
+                    key.clone(),
+                );
+                // A task of its own: it finishes (and stores) even when every
+                // waiter has given up, then retires itself from the map.
+                let task = tokio::spawn(async move {
+                    let r = me.fetch(&fwd, &s, &q, k.clone()).await.map_err(Arc::new);
+                    me.flights.remove(&k);
+                    r
+                });
+                let f = async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(Arc::new(ForwardError::Aborted(e.to_string()))))
+                }
+                .boxed()
+                .shared();
+                v.insert(f.clone());
+                f
+            }
+        };
+        flight.await
+    }
+
+    async fn fetch(
+        &self,
+        fwd: &Forwarder,
+        s: &ZoneSettings,
+        q: &Query,
+        key: Key,
     ) -> Result<Stored, ForwardError> {
-        let resp = zone.fwd.resolve(q).await?;
-        let s = &zone.zone.settings;
+        let resp = fwd.resolve(q).await?;
         match Entry::from_upstream(q, &resp, s.cache_secs, s.stale_secs, mono_ns()) {
             Ok(e) => {
                 let e = Arc::new(e);
@@ -313,7 +391,7 @@ impl Resolver {
             }
             Err(why) => {
                 tracing::trace!(%why, "answer not cached");
-                Ok(Stored::Relay(resp))
+                Ok(Stored::Relay(Arc::new(resp)))
             }
         }
     }
@@ -371,7 +449,7 @@ fn build_views(config: &Config, vnet: &[Arc<Upstream>], cluster: &[Arc<Upstream>
                 let s = &z.settings;
                 ZoneRt {
                     zone: z.clone(),
-                    fwd: Forwarder::new(ups, s.policy, s.protocol, s.max_concurrent),
+                    fwd: Arc::new(Forwarder::new(ups, s.policy, s.protocol, s.max_concurrent)),
                 }
             })
             .collect()
@@ -389,9 +467,10 @@ fn find_zone<'a>(views: &'a Views, view: u8, qname: &[u8]) -> &'a ZoneRt {
         .unwrap_or_else(|| zones.last().expect("every view has the root zone"))
 }
 
+#[derive(Clone)]
 enum Stored {
     Entry(Arc<Entry>),
-    Relay(Vec<u8>),
+    Relay(Arc<Vec<u8>>),
 }
 
 /// `qname` equals `zone` or lies below it (both lower-case wire).
@@ -415,16 +494,14 @@ pub fn is_subdomain(qname: &[u8], zone: &[u8]) -> bool {
     }
 }
 
-/// An uncacheable upstream reply, passed on with the client's ID and
-/// question bytes (TC=1 when it does not fit).
+/// An uncacheable upstream reply as a recursive service passes it on
+/// ([`wire::relay`]); TC=1 when it does not fit the client.
 fn relay(resp: &[u8], raw: &[u8], q: &Query, max: usize) -> Vec<u8> {
-    if resp.len() > max {
-        return wire::error_reply(raw, Some(q), wire::rcode(resp), true).unwrap_or_default();
+    match wire::relay(resp, raw, q) {
+        Some(out) if out.len() <= max => out,
+        Some(_) => wire::error_reply(raw, Some(q), wire::rcode(resp), true).unwrap_or_default(),
+        None => wire::error_reply(raw, Some(q), RCODE_SERVFAIL, false).unwrap_or_default(),
     }
-    let mut out = resp.to_vec();
-    out[0..2].copy_from_slice(&raw[0..2]);
-    out[HEADER_LEN..q.question_end].copy_from_slice(&raw[HEADER_LEN..q.question_end]);
-    out
 }
 
 pub fn type_name(t: u16) -> String {

@@ -345,7 +345,8 @@ fn walk_records(b: &[u8], start: usize, counts: [u16; 3]) -> Result<Walk, WireEr
                 });
                 w.opt_index = Some(index);
             } else {
-                let ttl = be32(b, p + 4);
+                // RFC 2181 §8: a TTL with the top bit set means 0.
+                let ttl = sane_ttl(be32(b, p + 4));
                 w.ttl_offsets.push(p + 4);
                 w.min_ttl = Some(w.min_ttl.map_or(ttl, |m| m.min(ttl)));
                 if section == 1 && rtype == TYPE_SOA && w.soa_neg_ttl.is_none() {
@@ -363,6 +364,34 @@ fn walk_records(b: &[u8], start: usize, counts: [u16; 3]) -> Result<Walk, WireEr
     w.end = p;
     w.records = index;
     Ok(w)
+}
+
+/// A TTL as RFC 2181 §8 reads it: values with the top bit set are 0.
+pub fn sane_ttl(ttl: u32) -> u32 {
+    if ttl >= 1 << 31 { 0 } else { ttl }
+}
+
+/// The header flags a recursive service sends (RFC 1035, 4035 §3.2.2,
+/// 6840 §5.8): QR, RA; RD and CD as the query had them; AA never; AD only
+/// when the answer carried it and the query asked for it (DO or AD set);
+/// TC and RCODE as given. `answer` is the flags of the answer being sent,
+/// `query` those of the query. The kernel applies the same rule.
+pub fn reply_flags(answer: u16, query: u16, do_bit: bool) -> u16 {
+    let ad_wanted = do_bit || query & F_AD != 0;
+    let mut f = F_QR | F_RA | (query & (F_RD | F_CD)) | (answer & (F_TC | 0xf));
+    if ad_wanted {
+        f |= answer & F_AD;
+    }
+    f
+}
+
+/// `. IN NS`, recursion desired: the health-check query CoreDNS `forward`
+/// sends to an upstream marked down.
+pub fn probe_query() -> Vec<u8> {
+    let mut m = vec![0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&2u16.to_be_bytes());
+    m.extend_from_slice(&CLASS_IN.to_be_bytes());
+    m
 }
 
 /// An OPT record as we send it: our UDP size, DO as given, no options.
@@ -424,10 +453,8 @@ pub fn error_reply(raw: &[u8], q: Option<&Query>, rcode: u8, tc: bool) -> Option
         return None;
     }
     let qflags = be16(raw, 2);
-    let mut flags = F_QR | (qflags & (F_OPCODE | F_RD | F_CD)) | F_RA | u16::from(rcode & 0xf);
-    if tc {
-        flags |= F_TC;
-    }
+    let answer = u16::from(rcode & 0xf) | if tc { F_TC } else { 0 };
+    let flags = reply_flags(answer, qflags, false) | (qflags & F_OPCODE);
     let mut m = Vec::with_capacity(64);
     m.extend_from_slice(&raw[0..2]);
     m.extend_from_slice(&flags.to_be_bytes());
@@ -452,10 +479,56 @@ pub fn badvers_reply(raw: &[u8]) -> Option<Vec<u8>> {
     }
     let mut m = Vec::with_capacity(HEADER_LEN + 11);
     m.extend_from_slice(&raw[0..2]);
-    let flags = F_QR | (be16(raw, 2) & (F_RD | F_CD)) | F_RA;
+    let flags = reply_flags(0, be16(raw, 2), false);
     m.extend_from_slice(&flags.to_be_bytes());
     m.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
     m.extend_from_slice(&our_opt(false, 1)); // BADVERS = 16: ext rcode 1, rcode 0
+    Some(m)
+}
+
+/// An upstream reply that is not cached, as a recursive service sends it:
+/// the client's ID and question, [`reply_flags`], the upstream's records
+/// with TTLs sanitised (RFC 2181 §8), and our OPT in place of the
+/// upstream's when the client used EDNS (keeping an extended RCODE).
+/// `None` when `resp` does not walk (validated replies always do).
+pub fn relay(resp: &[u8], raw: &[u8], q: &Query) -> Option<Vec<u8>> {
+    let (qend, walk) = walk_response(resp).ok()?;
+    let mut counts = [1, be16(resp, 6), be16(resp, 8), be16(resp, 10)];
+    let mut body = Vec::with_capacity(resp.len());
+    let mut ttls = walk.ttl_offsets.clone();
+    let ext_rcode = walk.opt.map_or(0, |o| o.edns.ext_rcode);
+    match walk.opt {
+        // Last record: dropped without moving anything a pointer names.
+        Some(o) if o.end == walk.end => {
+            body.extend_from_slice(&resp[qend..o.start]);
+            counts[3] -= 1;
+        }
+        // Elsewhere (rare): left where it is.
+        Some(_) => body.extend_from_slice(&resp[qend..walk.end]),
+        None => body.extend_from_slice(&resp[qend..walk.end]),
+    }
+    let kept_opt = walk.opt.is_some_and(|o| o.end != walk.end);
+    if !kept_opt && let Some(e) = q.edns {
+        body.extend_from_slice(&our_opt(e.do_bit, ext_rcode));
+        counts[3] += 1;
+    }
+    let do_bit = q.edns.is_some_and(|e| e.do_bit);
+    let mut m = Vec::with_capacity(q.question_end + body.len());
+    m.extend_from_slice(&raw[0..2]);
+    m.extend_from_slice(&reply_flags(be16(resp, 2), q.flags, do_bit).to_be_bytes());
+    for c in counts {
+        m.extend_from_slice(&c.to_be_bytes());
+    }
+    m.extend_from_slice(&raw[HEADER_LEN..q.question_end]);
+    // The upstream's question is ours lower-cased: same length, so record
+    // offsets (and compression pointers) do not move.
+    let shift = m.len() as isize - qend as isize;
+    m.extend_from_slice(&body);
+    for o in ttls.drain(..) {
+        let at = (o as isize + shift) as usize;
+        let t = u32::from_be_bytes([m[at], m[at + 1], m[at + 2], m[at + 3]]);
+        m[at..at + 4].copy_from_slice(&sane_ttl(t).to_be_bytes());
+    }
     Some(m)
 }
 
@@ -565,6 +638,35 @@ mod tests {
             parse_query(&b),
             Err(WireError::BadVersion { version: 1 })
         ));
+    }
+
+    #[test]
+    fn recursive_service_flags() {
+        // (answer flags, query flags, DO) -> reply flags
+        let cases = [
+            // AA from an authoritative upstream never passes; RA always set.
+            (F_QR | F_AA, F_RD, false, F_QR | F_RA | F_RD),
+            // RD and CD come from the query, not the answer.
+            (F_QR | F_RD | F_CD, 0, false, F_QR | F_RA),
+            (F_QR, F_RD | F_CD, false, F_QR | F_RA | F_RD | F_CD),
+            // AD only when the query set DO or AD (RFC 6840 §5.8).
+            (F_QR | F_AD, F_RD, false, F_QR | F_RA | F_RD),
+            (F_QR | F_AD, F_RD | F_AD, false, F_QR | F_RA | F_RD | F_AD),
+            (F_QR | F_AD, F_RD, true, F_QR | F_RA | F_RD | F_AD),
+            (F_QR, F_RD | F_AD, true, F_QR | F_RA | F_RD),
+            // RCODE and TC are the answer's.
+            (F_QR | F_TC | 3, 0, false, F_QR | F_RA | F_TC | 3),
+        ];
+        for (answer, query, do_bit, want) in cases {
+            assert_eq!(
+                reply_flags(answer, query, do_bit),
+                want,
+                "{answer:#06x} {query:#06x} {do_bit}"
+            );
+        }
+        assert_eq!(sane_ttl(0x7fff_ffff), 0x7fff_ffff);
+        assert_eq!(sane_ttl(0x8000_0000), 0);
+        assert_eq!(sane_ttl(u32::MAX), 0);
     }
 
     #[test]

@@ -102,14 +102,14 @@ pub fn txt(owner: &Name, ttl: u32, strings: &[String]) -> Record {
 /// An SOA of `zone` whose MINIMUM (negative TTL) is `minimum`.
 pub fn soa(zone: &str, ttl: u32, minimum: u32) -> Record {
     let z = name(zone);
-    let soa = SOA::new(
-        name(&format!("ns.{zone}")),
-        name(&format!("admin.{zone}")),
-        1,
-        3600,
-        600,
-        86400,
-        minimum,
-    );
+    let base = zone.trim_end_matches('.');
+    let under = |label: &str| {
+        if base.is_empty() {
+            name(&format!("{label}."))
+        } else {
+            name(&format!("{label}.{base}."))
+        }
+    };
+    let soa = SOA::new(under("ns"), under("admin"), 1, 3600, 600, 86400, minimum);
     Record::from_rdata(z, ttl, RData::SOA(soa))
 }

@@ -195,7 +195,7 @@ impl Topo {
             "dig",
             &[
                 "+tries=1",
-                "+time=2",
+                "+time=4",
                 "+noquestion",
                 "+nostats",
                 "+noauthority",

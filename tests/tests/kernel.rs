@@ -201,6 +201,12 @@ fn resp_a(q: &[u8]) -> Vec<u8> {
 fn resp_short(q: &[u8]) -> Vec<u8> {
     dns_response(q, 0, &[a_rr(q, 2, [192, 0, 2, 10])], &[])
 }
+/// `resp_a` from a validating upstream: AD set.
+fn resp_a_ad(q: &[u8]) -> Vec<u8> {
+    let mut r = resp_a(q);
+    r[3] |= 0x20;
+    r
+}
 fn resp_aaaa(q: &[u8]) -> Vec<u8> {
     let ip6 = "2001:db8::10".parse().unwrap();
     dns_response(q, 0, &[msg::aaaa(&msg::qname_of(q), 600, ip6)], &[])
@@ -307,7 +313,52 @@ fn cases() -> Vec<Case> {
         }),
     );
 
+    let do_edns = QEdns {
+        udp_size: 1232,
+        do_bit: true,
+        options: vec![],
+    };
+    let q_cd = dns_query(0x1a1a, "www.example.test", 1, 0x0110, None);
+    let q_ad_plain = dns_query(0x1b1b, "www.example.test", 1, 0x0100, None);
+    let q_ad_asked = dns_query(0x1c1c, "www.example.test", 1, 0x0120, None);
+    let q_ad_do = dns_query(0x1d1d, "www.example.test", 1, 0x0100, Some(&do_edns));
+    let q_no_rd = dns_query(0x1e1e, "www.example.test", 1, 0x0000, None);
     vec![
+        Case {
+            name: "CD set: copied into the reply",
+            seed: seed(VNET, &q_cd, resp_a, NS / 2),
+            frame: f(VNET, &q_cd),
+            dns: q_cd.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "AD from upstream, query without DO or AD: cleared",
+            seed: seed(VNET, &q_ad_plain, resp_a_ad, NS / 2),
+            frame: f(VNET, &q_ad_plain),
+            dns: q_ad_plain.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "AD from upstream, query with AD: kept",
+            seed: seed(VNET, &q_ad_asked, resp_a_ad, NS / 2),
+            frame: f(VNET, &q_ad_asked),
+            dns: q_ad_asked.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "AD from upstream, query with DO: kept",
+            seed: seed(VNET, &q_ad_do, resp_a_ad, NS / 2),
+            frame: f(VNET, &q_ad_do),
+            dns: q_ad_do.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "RD clear: stays clear",
+            seed: seed(VNET, &q_no_rd, resp_a, NS / 2),
+            frame: f(VNET, &q_no_rd),
+            dns: q_no_rd.clone(),
+            expect: Expect::Hit,
+        },
         Case {
             name: "fresh A hit, EDNS with cookie",
             seed: seed(VNET, &q_www, resp_a, NS / 2),

@@ -101,8 +101,9 @@ pub fn kernel(cache: &Path) -> Result<Kernel> {
 }
 
 /// The guest's /init: modules, the host root read-only under a tmpfs
-/// overlay, the usual pseudo file systems, then `/cmd` run in `cwd` with
-/// its output on ttyS1 and its exit status written to port 0xf4.
+/// overlay (so every path, /tmp included, is the host's and writable), the
+/// usual pseudo file systems, then `/cmd` run in `cwd` with its output on
+/// ttyS1 and its exit status written to port 0xf4.
 const INIT: &str = r#"#!/bin/busybox sh
 B=/bin/busybox
 $B mkdir -p /proc /sys /dev /host /ovl /newroot
@@ -117,8 +118,6 @@ $B mount -t overlay overlay -o lowerdir=/host,upperdir=/ovl/upper,workdir=/ovl/w
 $B mount -t proc proc /newroot/proc
 $B mount -t sysfs sys /newroot/sys
 $B mount -t devtmpfs dev /newroot/dev
-$B mount -t tmpfs tmpfs /newroot/tmp
-$B mount -t tmpfs tmpfs /newroot/run
 $B mount -t bpf bpf /newroot/sys/fs/bpf
 $B mount -t tracefs tracefs /newroot/sys/kernel/tracing 2>/dev/null
 $B mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null
