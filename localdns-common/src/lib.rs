@@ -52,7 +52,7 @@ pub const MAP_META: &str = "LDNS_META";
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
@@ -69,15 +69,28 @@ pub const MAP_LOG: &str = "LDNS_LOG";
 /// Size of [`MAP_LOG`] in bytes (a power-of-two number of pages).
 pub const LOG_RING_BYTES: u32 = 256 * 1024;
 
-/// Global (`.rodata`) with the vnet listener address, IPv4, network byte
-/// order as loaded from the packet (`u32::from_ne_bytes(octets)`).
-pub const GLOBAL_LISTEN_VNET: &str = "LDNS_LISTEN_VNET";
-/// Global with the kube listener address, same encoding as the vnet one.
-pub const GLOBAL_LISTEN_KUBE: &str = "LDNS_LISTEN_KUBE";
+/// Listener addresses the program knows per address family.
+pub const MAX_LISTEN: usize = 4;
+/// Global (`.rodata`, `[u32; MAX_LISTEN]`): IPv4 listener addresses as
+/// loaded from the packet (`u32::from_ne_bytes(octets)`); 0 = unused.
+pub const GLOBAL_LISTEN4: &str = "LDNS_LISTEN4";
+/// Global (`[u8; MAX_LISTEN]`): the view (`VIEW_*`) of each IPv4 listener.
+pub const GLOBAL_VIEW4: &str = "LDNS_VIEW4";
+/// Global (`[u64; 2 * MAX_LISTEN]`): IPv6 listener addresses, each as two
+/// 8-byte words loaded from the packet (`u64::from_ne_bytes`); `::` =
+/// unused.
+pub const GLOBAL_LISTEN6: &str = "LDNS_LISTEN6";
+/// Global (`[u8; MAX_LISTEN]`): the view of each IPv6 listener.
+pub const GLOBAL_VIEW6: &str = "LDNS_VIEW6";
 /// Global with the 64-bit seed of [`qname_hash`]; chosen by the daemon that
 /// creates the cache map, so remote clients cannot aim collisions at the
 /// fast path, and kept in [`Meta::seed`] for the daemons that adopt it.
 pub const GLOBAL_HASH_SEED: &str = "LDNS_HASH_SEED";
+/// Written by the XDP program into the packet's metadata when it cannot
+/// grow the frame for a reply (generic XDP has little tailroom): the TC
+/// companion program on the same interface answers exactly those packets.
+pub const META_NEEDS_ROOM: u32 = u32::from_le_bytes(*b"LDns");
+
 /// Global (test builds of the table only; 0 in production, where the
 /// verifier removes every branch on it): makes the program fail at one
 /// step after its first write, so the tests can show that such a packet is
@@ -115,8 +128,12 @@ pub const KEY_F_EDNS: u8 = 4;
 
 /// Longest wire-format qname (RFC 1035 §3.1), root label included.
 pub const MAX_QNAME: usize = 255;
-/// Largest response part after the question that the kernel serves.
-pub const MAX_TAIL: usize = 512;
+/// Largest reply (DNS message) the kernel sends: the DNS flag day 2020 UDP
+/// size. Larger cached answers are the daemon's.
+pub const MAX_REPLY: usize = 1232;
+/// Largest response part after the question that the kernel serves (a
+/// reply of at most [`MAX_REPLY`] bytes, rounded up to whole words).
+pub const MAX_TAIL: usize = 1216;
 /// Largest number of TTL fields a kernel-served response may carry.
 pub const MAX_TTLS: usize = 32;
 /// UDP payload size limit for clients without EDNS (RFC 1035).
@@ -215,7 +232,7 @@ pub struct CacheValue {
     /// authority and additional sections (OPT included) as sent. Zero after.
     pub data: [u8; DATA_LEN],
 }
-const _: () = assert!(core::mem::size_of::<CacheValue>() == 896);
+const _: () = assert!(core::mem::size_of::<CacheValue>() == 1600);
 const _: () = assert!(core::mem::offset_of!(CacheValue, generation) == 0);
 const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 120);
 
@@ -260,9 +277,8 @@ impl CacheValue {
 pub struct LogEvent {
     /// `bpf_ktime_get_ns` when answered.
     pub ktime_ns: u64,
-    /// Client IPv4 address, network byte order as loaded
-    /// (`u32::from_ne_bytes(octets)`).
-    pub saddr_ne: u32,
+    /// Client address in network order: the first 4 bytes for IPv4.
+    pub addr: [u8; 16],
     /// Client UDP port, host byte order.
     pub sport: u16,
     /// Query ID, host byte order.
@@ -281,15 +297,19 @@ pub struct LogEvent {
     /// `KEY_F_*` bits of the query.
     pub kflags: u8,
     pub qname_len: u8,
-    pub _pad: u8,
+    /// 4 or 6.
+    pub family: u8,
     /// The qname as the client sent it (case preserved), wire format.
     pub qname: [u8; MAX_QNAME + 1],
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<LogEvent>() == 288);
+const _: () = assert!(core::mem::size_of::<LogEvent>() == 304);
 
 /// Most query bytes after the question the program saves for an undo
-/// (the OPT record and any link-layer padding).
-pub const SAVE_MAX: usize = 512;
+/// (the OPT record and any link-layer padding). A query with more (a long
+/// padding option) is left to the daemon: real clients send an OPT record
+/// with a cookie, well under this.
+pub const SAVE_MAX: usize = 128;
 
 /// Value of [`MAP_SCRATCH`].
 #[repr(C)]
@@ -307,7 +327,7 @@ pub struct Scratch {
     /// and the verifier can prune (the qname length, for one).
     pub launder: u64,
 }
-const _: () = assert!(core::mem::size_of::<Scratch>() == 776);
+const _: () = assert!(core::mem::size_of::<Scratch>() == 392);
 
 /// Value of [`MAP_META`].
 #[repr(C)]
@@ -344,7 +364,7 @@ pub const STAT_PASS_QNAME: u32 = 6;
 pub const STAT_PASS_EDNS: u32 = 7;
 /// Entry's qname differs (hash collision).
 pub const STAT_PASS_COLLISION: u32 = 8;
-/// Reply larger than the client accepts.
+/// The query has more bytes after its question than an undo can save.
 pub const STAT_PASS_SIZE: u32 = 9;
 /// Entry inconsistent, or the frame could not be resized; passed untouched.
 pub const STAT_PASS_ERROR: u32 = 10;
@@ -356,8 +376,14 @@ pub const STAT_PASS_RACE: u32 = 12;
 /// Something failed after the first write to the packet: dropped, never
 /// passed half-rewritten.
 pub const STAT_DROP_ERROR: u32 = 13;
+/// XDP could not grow the frame for the reply: marked and passed to the TC
+/// companion program on the same interface, which answers it.
+pub const STAT_PASS_ROOM: u32 = 14;
+/// Answered with TC=1 (the cached reply is larger than the client's UDP
+/// size): the client retries over TCP.
+pub const STAT_TRUNCATED: u32 = 15;
 /// Number of counters.
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 16;
 
 /// Counter names, indexed by `STAT_*`, for `cache stats` and metrics.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -375,6 +401,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "log_dropped",
     "pass_race",
     "drop_error",
+    "pass_room",
+    "truncated",
 ];
 
 const HASH_MUL: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -4,17 +4,18 @@
 //! (the packet is untouched); after it, DROP. The one exception is a
 //! generation mismatch (the entry was replaced while being copied): the
 //! saved bytes are put back, so the packet passed on is the query exactly
-//! as it arrived.
+//! as it arrived. An answer larger than the client accepts becomes a TC=1
+//! reply, as the daemon sends it.
 
 use localdns_common::{
     CacheValue, FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
-    FAULT_RACE_NO_UNDO, KEY_F_DO, MAX_QNAME, MAX_TAIL, MAX_TTLS, SAVE_MAX, STAT_DROP_ERROR,
-    STAT_EXPIRED, STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_SIZE, Scratch,
-    csum_fold, name_span,
+    FAULT_RACE_NO_UNDO, KEY_F_DO, KEY_F_EDNS, MAX_QNAME, MAX_TAIL, MAX_TTLS, SAVE_MAX,
+    STAT_DROP_ERROR, STAT_EXPIRED, STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE,
+    STAT_PASS_ROOM, STAT_PASS_SIZE, Scratch, csum_fold, name_span,
 };
 
 use crate::packet::{Packet, ResizeError, launder, ld16, ld64, opaque, ptr_at, st16, st64, swap16};
-use crate::query::{DNS_OFF, F_AD, F_CD, F_RD, IP_OFF, Q_OFF, Query, UDP_OFF};
+use crate::query::{F_AD, F_CD, F_QR, F_RA, F_RD, F_TC, IP_OFF, Off, Query};
 
 /// Compiler barrier: memory accesses are not moved across it (BPF has no
 /// fence instruction, and LLVM's BPF backend cannot lower
@@ -28,15 +29,16 @@ fn barrier() {
 
 /// What the hook does with the packet.
 pub enum Verdict {
-    /// Send the rewritten packet back to the client.
-    Reply,
+    /// Send the rewritten packet back to the client; `truncated`: a TC=1
+    /// reply.
+    Reply { truncated: bool },
     /// Pass it on untouched, counted under the stat.
     Pass(u32),
     /// Drop it (it was partly rewritten), counted under the stat.
     Drop(u32),
 }
 
-/// A fresh entry that fits the query and the client.
+/// A fresh entry that fits the query.
 pub struct Fresh {
     /// The entry's generation when the checks began.
     pub generation: u64,
@@ -46,10 +48,12 @@ pub struct Fresh {
     pub ttl_count: usize,
     /// Length of the reply's DNS message.
     pub dns_len: usize,
+    /// The answer is larger than the client accepts: reply TC=1 instead.
+    pub truncate: bool,
 }
 
-/// Is the entry fresh, really for this name, consistent and small enough?
-/// The query's name is in `scratch` (lower-cased words, see
+/// Is the entry fresh, really for this name and consistent? The query's
+/// name is in `scratch` (lower-cased words, see
 /// [`crate::query::take_name`]).
 #[inline(always)]
 pub fn check(q: &Query, v: &CacheValue, now: u64, scratch: *mut Scratch) -> Result<Fresh, u32> {
@@ -68,16 +72,16 @@ pub fn check(q: &Query, v: &CacheValue, now: u64, scratch: *mut Scratch) -> Resu
         return Err(STAT_PASS_COLLISION);
     }
     let nwords = launder(slot, q.qlen.div_ceil(8));
+    let mut diff = 0u64;
     for i in 0..32 {
         if i >= opaque(nwords) {
             break;
         }
-        let a = ld64(unsafe { name.add(i * 8) });
         // Both names are zero-padded to whole words.
-        let b = ld64(unsafe { v.data.as_ptr().add(i * 8) });
-        if a != b {
-            return Err(STAT_PASS_COLLISION);
-        }
+        diff |= ld64(unsafe { name.add(i * 8) }) ^ ld64(unsafe { v.data.as_ptr().add(i * 8) });
+    }
+    if diff != 0 {
+        return Err(STAT_PASS_COLLISION);
     }
     let tail_len = v.tail_len as usize;
     let ttl_count = v.ttl_count as usize;
@@ -85,49 +89,61 @@ pub fn check(q: &Query, v: &CacheValue, now: u64, scratch: *mut Scratch) -> Resu
     if !(8..=MAX_TAIL).contains(&tail_len) || ttl_count > MAX_TTLS {
         return Err(STAT_PASS_ERROR);
     }
-    let n = launder(slot, ttl_count);
-    for i in 0..MAX_TTLS {
-        if i >= opaque(n) {
-            break;
-        }
-        if v.ttl_off[i] as usize + 4 > tail_len {
-            return Err(STAT_PASS_ERROR);
-        }
-    }
     let dns_len = 12 + q.qlen + 4 + tail_len;
-    if dns_len > q.client_max {
-        return Err(STAT_PASS_SIZE);
-    }
     Ok(Fresh {
         generation,
         ttl_now: v.ttl - elapsed as u32,
         tail_len,
         ttl_count,
         dns_len,
+        truncate: dns_len > q.client_max,
     })
 }
 
-/// What the reply's headers get besides the entry's fields.
+/// What the reply's headers get besides its body.
 pub struct Stamp {
     /// UDP checksum.
     pub udp_csum: u16,
-    /// DNS header flags, network order (the entry's, with the query's RD).
+    /// DNS header flags, network order.
     pub rflags: u16,
+}
+
+/// The one's-complement sum of the addresses and ports (unchanged by their
+/// swap) and the query's ID.
+#[inline(always)]
+fn sum_ends<P: Packet, const V6: bool>(p: &P) -> Result<(u64, u16, u16), u32> {
+    let o = Off::of(V6);
+    let head = ptr_at(p, 0, o.q, STAT_PASS_ERROR)?;
+    let (first, words) = if V6 {
+        (IP_OFF + 8, 16)
+    } else {
+        (IP_OFF + 12, 4)
+    };
+    let mut sum: u64 = 0;
+    for i in 0..16 {
+        if i < words {
+            sum += ld16(unsafe { head.add(first + 2 * i) }) as u64;
+        }
+    }
+    sum += ld16(unsafe { head.add(o.udp) }) as u64 + ld16(unsafe { head.add(o.udp + 2) }) as u64;
+    let id = ld16(unsafe { head.add(o.dns) });
+    let qf = ld16(unsafe { head.add(o.dns + 2) });
+    Ok((sum, id, qf))
 }
 
 /// The reply's UDP checksum, from the entry's partial sum plus what the
 /// query contributes (RFC 1624 style, no pass over the reply's bytes),
-/// and its header flags.
+/// and its header flags: a recursive service's (the daemon's
+/// `wire::reply_flags`): the entry's QR, RA, RCODE; RD and CD from the
+/// query; AD only when the query set DO or AD (RFC 6840 §5.8).
 #[inline(always)]
-pub fn checksum<P: Packet>(p: &P, q: &Query, v: &CacheValue, f: &Fresh) -> Result<Stamp, u32> {
-    let head = ptr_at(p, 0, Q_OFF, STAT_PASS_ERROR)?;
-    let ip = unsafe { head.add(IP_OFF) };
-    let udp = unsafe { head.add(UDP_OFF) };
-    let hdr = unsafe { head.add(DNS_OFF) };
-    // A recursive service's flags (the daemon's wire::reply_flags): the
-    // entry's QR, RA, RCODE; RD and CD from the query; AD only when the
-    // query set DO or AD (RFC 6840 §5.8).
-    let qf = ld16(unsafe { hdr.add(2) });
+pub fn checksum<P: Packet, const V6: bool>(
+    p: &P,
+    q: &Query,
+    v: &CacheValue,
+    f: &Fresh,
+) -> Result<Stamp, u32> {
+    let (ends, id, qf) = sum_ends::<P, V6>(p)?;
     let ad_wanted = q.kflags & KEY_F_DO != 0 || qf & F_AD.to_be() != 0;
     let base = if ad_wanted {
         v.flags_be
@@ -138,33 +154,37 @@ pub fn checksum<P: Packet>(p: &P, q: &Query, v: &CacheValue, f: &Fresh) -> Resul
     let ttl_be = f.ttl_now.to_be();
     let ttl_w = csum_fold((ttl_be & 0xffff) as u64 + (ttl_be >> 16) as u64) as u64;
     let ttl_sum = v.ttl_even as u64 * ttl_w + v.ttl_odd as u64 * swap16(ttl_w as u16) as u64;
-    // QTYPE/QCLASS sit at an odd offset when the qname length is odd.
-    let qt_sum = if q.qlen & 1 == 1 {
+    let udp_len_n = ((8 + f.dns_len) as u16).to_be() as u64;
+    let sum = v.csum_partial as u64
+        + id as u64
+        + rflags as u64
+        + question_sum(q)
+        + ttl_sum
+        + ends
+        + 17u16.to_be() as u64
+        + 2 * udp_len_n;
+    Ok(Stamp {
+        udp_csum: finish(sum),
+        rflags,
+    })
+}
+
+/// The question's share of the checksum: the name as sent, then QTYPE and
+/// QCLASS (at an odd offset when the name's length is odd).
+#[inline(always)]
+fn question_sum(q: &Query) -> u64 {
+    let qt = if q.qlen & 1 == 1 {
         swap16(csum_fold(q.qt_sum)) as u64
     } else {
         q.qt_sum
     };
-    let udp_len_n = ((8 + f.dns_len) as u16).to_be() as u64;
-    let addr_sum = ld16(unsafe { ip.add(12) }) as u64
-        + ld16(unsafe { ip.add(14) }) as u64
-        + ld16(unsafe { ip.add(16) }) as u64
-        + ld16(unsafe { ip.add(18) }) as u64;
-    let port_sum = ld16(udp) as u64 + ld16(unsafe { udp.add(2) }) as u64;
-    let sum = v.csum_partial as u64
-        + ld16(hdr) as u64 // query ID
-        + rflags as u64
-        + q.q_sum
-        + qt_sum
-        + ttl_sum
-        + addr_sum
-        + 17u16.to_be() as u64
-        + 2 * udp_len_n
-        + port_sum;
+    q.q_sum + qt
+}
+
+#[inline(always)]
+fn finish(sum: u64) -> u16 {
     let c = !csum_fold(sum);
-    Ok(Stamp {
-        udp_csum: if c == 0 { 0xffff } else { c },
-        rflags,
-    })
+    if c == 0 { 0xffff } else { c }
 }
 
 /// Copies `len` frame bytes from `off` into `buf` (or back, `to_frame`):
@@ -190,7 +210,7 @@ fn copy_saved<P: Packet>(
     let last = (len - 8) & (SAVE_MAX - 1);
     for i in 0..SAVE_MAX / 8 + 1 {
         // One more round than whole words: the overlapping last word.
-        let at = if i < words {
+        let at = if i < opaque(words) {
             i * 8
         } else if i == words {
             last
@@ -224,21 +244,47 @@ fn copy_tail<P: Packet>(
     slot: *mut u64,
 ) -> Result<(), u32> {
     let qend = q.qend & 0x1ff;
-    // A check on the register itself: masks would bound it at 504.
+    // Checks on the registers themselves: masks would bound them too
+    // loosely (MAX_TAIL is no power of two; the span could reach 504).
     let span = opaque(name_span(q.qlen & 0xff));
     if span > MAX_QNAME + 1 {
         return Err(STAT_DROP_ERROR);
     }
+    // One comparison on the register used (a tail under 8 bytes wraps
+    // around): LLVM turns range checks into a check on a derived value,
+    // which the 6.1 verifier does not carry back.
+    let last = opaque(tail_len.wrapping_sub(8));
+    if last > MAX_TAIL - 8 {
+        return Err(STAT_DROP_ERROR);
+    }
+    let tail_len = last + 8;
     let src = unsafe { v.data.as_ptr().add(span) };
-    let words = launder(slot, tail_len / 8);
-    for i in 0..MAX_TAIL / 8 {
+    // 64-byte chunks (one bounds check each), then words, then the last
+    // word once more.
+    let chunks = launder(slot, tail_len / 64);
+    for c in 0..MAX_TAIL / 64 {
+        if c >= opaque(chunks) {
+            break;
+        }
+        let d = ptr_at(p, qend + c * 64, 64, STAT_DROP_ERROR)?;
+        let s = unsafe { src.add(c * 64) };
+        for k in 0..8 {
+            st64(unsafe { d.add(k * 8) }, ld64(unsafe { s.add(k * 8) }));
+        }
+    }
+    let done = (tail_len / 64) * 64;
+    let words = launder(slot, (tail_len - done) / 8);
+    for i in 0..8 {
         if i >= opaque(words) {
             break;
         }
-        let d = ptr_at(p, qend + i * 8, 8, STAT_DROP_ERROR)?;
-        st64(d, ld64(unsafe { src.add(i * 8) }));
+        let at = opaque(done + i * 8);
+        if at > MAX_TAIL - 8 {
+            return Err(STAT_DROP_ERROR);
+        }
+        let d = ptr_at(p, qend + at, 8, STAT_DROP_ERROR)?;
+        st64(d, ld64(unsafe { src.add(at) }));
     }
-    let last = (tail_len - 8) & (MAX_TAIL - 1);
     let d = ptr_at(p, qend + last, 8, STAT_DROP_ERROR)?;
     st64(d, ld64(unsafe { src.add(last) }));
     Ok(())
@@ -263,10 +309,89 @@ fn undo<P: Packet>(
     }
 }
 
+/// The addresses and ports of the query, taken before the frame moves.
+struct Ends {
+    macs: [u8; 12],
+    addrs: [u8; 32],
+    ports: [u16; 2],
+}
+
+#[inline(always)]
+fn take_ends<P: Packet, const V6: bool>(p: &P) -> Result<Ends, u32> {
+    let o = Off::of(V6);
+    let head = ptr_at(p, 0, o.dns, STAT_PASS_ERROR)?;
+    let mut e = Ends {
+        macs: [0; 12],
+        addrs: [0; 32],
+        ports: [0; 2],
+    };
+    let (at, n) = if V6 {
+        (IP_OFF + 8, 32)
+    } else {
+        (IP_OFF + 12, 8)
+    };
+    unsafe {
+        core::ptr::copy_nonoverlapping(head, e.macs.as_mut_ptr(), 12);
+        core::ptr::copy_nonoverlapping(head.add(at), e.addrs.as_mut_ptr(), n);
+    }
+    e.ports = [
+        ld16(unsafe { head.add(o.udp) }),
+        ld16(unsafe { head.add(o.udp + 2) }),
+    ];
+    Ok(e)
+}
+
+/// Writes the reply's Ethernet, IP and UDP headers (addresses and ports
+/// swapped, lengths, checksums) and its DNS flags and counts.
+#[inline(always)]
+fn finish_headers<P: Packet, const V6: bool>(
+    p: &P,
+    e: &Ends,
+    dns_len: usize,
+    stamp: &Stamp,
+    counts: &[u16; 4],
+) -> Result<(), u32> {
+    let o = Off::of(V6);
+    let eth = ptr_at(p, 0, o.q, STAT_DROP_ERROR)?;
+    unsafe {
+        core::ptr::copy_nonoverlapping(e.macs.as_ptr().add(6), eth, 6);
+        core::ptr::copy_nonoverlapping(e.macs.as_ptr(), eth.add(6), 6);
+        let ip = eth.add(IP_OFF);
+        if V6 {
+            st16(ip.add(4), ((8 + dns_len) as u16).to_be());
+            *ip.add(7) = 64; // hop limit
+            core::ptr::copy_nonoverlapping(e.addrs.as_ptr().add(16), ip.add(8), 16);
+            core::ptr::copy_nonoverlapping(e.addrs.as_ptr(), ip.add(24), 16);
+        } else {
+            st16(ip.add(2), ((20 + 8 + dns_len) as u16).to_be());
+            *ip.add(8) = 64; // TTL
+            st16(ip.add(10), 0);
+            core::ptr::copy_nonoverlapping(e.addrs.as_ptr().add(4), ip.add(12), 4);
+            core::ptr::copy_nonoverlapping(e.addrs.as_ptr(), ip.add(16), 4);
+            let mut ip_sum: u64 = 0;
+            for i in 0..10 {
+                ip_sum += ld16(ip.add(i * 2)) as u64;
+            }
+            st16(ip.add(10), !csum_fold(ip_sum));
+        }
+        let udp = eth.add(o.udp);
+        st16(udp, e.ports[1]);
+        st16(udp.add(2), e.ports[0]);
+        st16(udp.add(4), ((8 + dns_len) as u16).to_be());
+        st16(udp.add(6), stamp.udp_csum);
+        let hdr = eth.add(o.dns);
+        st16(hdr.add(2), stamp.rflags);
+        for (i, c) in counts.iter().enumerate() {
+            st16(hdr.add(4 + i * 2), *c);
+        }
+    }
+    Ok(())
+}
+
 /// Rewrites the query into the reply. `fault` is the test-only
 /// [`localdns_common::GLOBAL_FAULT`] (0 in production).
 #[inline(always)]
-pub fn rewrite<P: Packet>(
+pub fn rewrite<P: Packet, const V6: bool>(
     p: &P,
     q: &Query,
     v: &CacheValue,
@@ -275,6 +400,7 @@ pub fn rewrite<P: Packet>(
     scratch: *mut Scratch,
     fault: u32,
 ) -> Verdict {
+    let o = Off::of(V6);
     // What the reply overwrites from the end of the question on (the OPT
     // record, link-layer padding), saved for an undo.
     let frame_len = p.frame_len();
@@ -290,24 +416,17 @@ pub fn rewrite<P: Packet>(
     if undoable && copy_saved(p, q.qend, save_len, saved, false, slot).is_err() {
         return Verdict::Pass(STAT_PASS_ERROR);
     }
-    // Addresses and ports before anything moves.
-    let Ok(head) = ptr_at(p, 0, Q_OFF, STAT_PASS_ERROR) else {
+    let Ok(ends) = take_ends::<P, V6>(p) else {
         return Verdict::Pass(STAT_PASS_ERROR);
     };
-    let mut macs = [0u8; 12];
-    let mut addrs = [0u8; 8];
-    unsafe {
-        core::ptr::copy_nonoverlapping(head, macs.as_mut_ptr(), 12);
-        core::ptr::copy_nonoverlapping(head.add(IP_OFF + 12), addrs.as_mut_ptr(), 8);
-    }
-    let ports = [
-        ld16(unsafe { head.add(UDP_OFF) }),
-        ld16(unsafe { head.add(UDP_OFF + 2) }),
-    ];
-
     // --- first write: from here on an error means DROP ---
-    match p.resize((DNS_OFF + f.dns_len) as u32) {
+    let new_len = o.dns + f.dns_len;
+    match p.resize(new_len as u32) {
         Ok(()) => {}
+        // Too little room to grow (generic XDP): the TC companion answers.
+        Err(ResizeError::Untouched) if new_len > frame_len => {
+            return Verdict::Pass(STAT_PASS_ROOM);
+        }
         Err(ResizeError::Untouched) => return Verdict::Pass(STAT_PASS_ERROR),
         Err(ResizeError::Touched) => return Verdict::Drop(STAT_DROP_ERROR),
     }
@@ -329,7 +448,7 @@ pub fn rewrite<P: Packet>(
         if i >= opaque(n) {
             break;
         }
-        let off = q.qend + (v.ttl_off[i] as usize & (MAX_TAIL - 1));
+        let off = q.qend + (v.ttl_off[i] as usize & 0x7ff);
         let Ok(t) = ptr_at(p, off, 4, STAT_DROP_ERROR) else {
             return Verdict::Drop(STAT_DROP_ERROR);
         };
@@ -346,33 +465,108 @@ pub fn rewrite<P: Packet>(
         return undo(p, q, frame_len, saved, fault, slot);
     }
     // The copy is consistent: finish the reply.
-    let Ok(eth) = ptr_at(p, 0, Q_OFF, STAT_DROP_ERROR) else {
-        return Verdict::Drop(STAT_DROP_ERROR);
+    match finish_headers::<P, V6>(p, &ends, f.dns_len, stamp, &counts) {
+        Ok(()) => Verdict::Reply { truncated: false },
+        Err(stat) => Verdict::Drop(stat),
+    }
+}
+
+/// Our OPT record (the daemon's `wire::our_opt`: UDP size 1232, version 0,
+/// no options) as two words and a byte, and its checksum share when it
+/// starts at an even offset.
+const fn our_opt(do_bit: bool) -> (u64, u16, u8, u64) {
+    let b: [u8; 11] = [
+        0,
+        0,
+        41,
+        0x04,
+        0xd0,
+        0,
+        0,
+        if do_bit { 0x80 } else { 0 },
+        0,
+        0,
+        0,
+    ];
+    let w0 = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    let w1 = u16::from_le_bytes([b[8], b[9]]);
+    let mut sum: u64 = 0;
+    let mut i = 0;
+    while i < 11 {
+        let hi = if i + 1 < 11 { b[i + 1] } else { 0 };
+        sum += u16::from_le_bytes([b[i], hi]) as u64;
+        i += 2;
+    }
+    (w0, w1, b[10], sum)
+}
+
+/// The reply when the cached answer does not fit the client: the header
+/// with TC=1 and the entry's RCODE, the question, our OPT if the client
+/// used EDNS; no records (the daemon's `wire::error_reply(.., tc)`). Built
+/// from the query alone: the entry gives only its RCODE, read before the
+/// generation is checked again (and before any write).
+#[inline(always)]
+pub fn truncated<P: Packet, const V6: bool>(
+    p: &P,
+    q: &Query,
+    v: &CacheValue,
+    f: &Fresh,
+) -> Verdict {
+    let o = Off::of(V6);
+    let rcode = v.flags_be & (0x000fu16).to_be();
+    barrier();
+    if unsafe { core::ptr::read_volatile(&v.generation) } != f.generation {
+        return Verdict::Pass(STAT_PASS_RACE);
+    }
+    let Ok((ends_sum, id, qf)) = sum_ends::<P, V6>(p) else {
+        return Verdict::Pass(STAT_PASS_ERROR);
     };
-    unsafe {
-        core::ptr::copy_nonoverlapping(macs.as_ptr().add(6), eth, 6);
-        core::ptr::copy_nonoverlapping(macs.as_ptr(), eth.add(6), 6);
-        let ip = eth.add(IP_OFF);
-        st16(ip.add(2), ((20 + 8 + f.dns_len) as u16).to_be());
-        *ip.add(8) = 64; // TTL
-        st16(ip.add(10), 0);
-        core::ptr::copy_nonoverlapping(addrs.as_ptr().add(4), ip.add(12), 4);
-        core::ptr::copy_nonoverlapping(addrs.as_ptr(), ip.add(16), 4);
-        let mut ip_sum: u64 = 0;
-        for i in 0..10 {
-            ip_sum += ld16(ip.add(i * 2)) as u64;
-        }
-        st16(ip.add(10), !csum_fold(ip_sum));
-        let udp = eth.add(UDP_OFF);
-        st16(udp, ports[1]);
-        st16(udp.add(2), ports[0]);
-        st16(udp.add(4), ((8 + f.dns_len) as u16).to_be());
-        st16(udp.add(6), stamp.udp_csum);
-        let hdr = eth.add(DNS_OFF);
-        st16(hdr.add(2), stamp.rflags);
-        for (i, c) in counts.iter().enumerate() {
-            st16(hdr.add(4 + i * 2), *c);
+    let Ok(ends) = take_ends::<P, V6>(p) else {
+        return Verdict::Pass(STAT_PASS_ERROR);
+    };
+    let edns = q.kflags & KEY_F_EDNS != 0;
+    let (w0, w1, b10, opt_even) = our_opt(q.kflags & KEY_F_DO != 0);
+    let rflags = (F_QR | F_RA | F_TC).to_be() | rcode | (qf & (F_RD | F_CD).to_be());
+    let counts = [1u16.to_be(), 0, 0, u16::from(edns).to_be()];
+    let dns_len = 12 + q.qlen + 4 + if edns { 11 } else { 0 };
+    let udp_len_n = ((8 + dns_len) as u16).to_be() as u64;
+    let opt_sum = if !edns {
+        0
+    } else if q.qlen & 1 == 1 {
+        swap16(csum_fold(opt_even)) as u64
+    } else {
+        opt_even
+    };
+    let sum = id as u64
+        + rflags as u64
+        + counts[0] as u64
+        + counts[3] as u64
+        + question_sum(q)
+        + opt_sum
+        + ends_sum
+        + 17u16.to_be() as u64
+        + 2 * udp_len_n;
+    let stamp = Stamp {
+        udp_csum: finish(sum),
+        rflags,
+    };
+    match p.resize((o.dns + dns_len) as u32) {
+        Ok(()) => {}
+        Err(ResizeError::Untouched) => return Verdict::Pass(STAT_PASS_ERROR),
+        Err(ResizeError::Touched) => return Verdict::Drop(STAT_DROP_ERROR),
+    }
+    if edns {
+        let Ok(opt) = ptr_at(p, q.qend, 11, STAT_DROP_ERROR) else {
+            return Verdict::Drop(STAT_DROP_ERROR);
+        };
+        unsafe {
+            st64(opt, w0);
+            st16(opt.add(8), w1);
+            *opt.add(10) = b10;
         }
     }
-    Verdict::Reply
+    match finish_headers::<P, V6>(p, &ends, dns_len, &stamp, &counts) {
+        Ok(()) => Verdict::Reply { truncated: true },
+        Err(stat) => Verdict::Drop(stat),
+    }
 }

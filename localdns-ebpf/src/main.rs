@@ -26,14 +26,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use localdns_common::{
-    CACHE_MAP_ENTRIES, CacheKey, CacheValue, KEY_F_EDNS, LOG_RING_BYTES, LogEvent, MAX_QNAME, Meta,
-    STAT_COUNT, STAT_HIT, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, Scratch,
-    csum_fold,
+    CACHE_MAP_ENTRIES, CacheKey, CacheValue, KEY_F_EDNS, LOG_RING_BYTES, LogEvent, MAX_LISTEN,
+    MAX_QNAME, META_NEEDS_ROOM, Meta, STAT_COUNT, STAT_HIT, STAT_LOG_DROPPED, STAT_MISS,
+    STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM, STAT_TRUNCATED, Scratch, csum_fold,
 };
 
 use answer::Verdict;
 use packet::{Packet, Tc, Xdp, be16, ld16, ld64, opaque, ptr_at, st64};
-use query::{DNS_OFF, IP_OFF, MAX_QUERY, Q_OFF, Query, UDP_OFF};
+use query::{IP_OFF, Listeners, MAX_QUERY, Off, Query};
 
 // Map contracts (purpose, key, value, writer, reader, capacity, eviction) are
 // documented on the MAP_* constants in localdns-common.
@@ -55,9 +55,13 @@ static LDNS_META: Array<Meta, 1> = Array::new();
 // the zero initialisers; the verifier knows the loaded values (frozen
 // .rodata) and removes dead branches, e.g. every fault-injection test.
 #[unsafe(no_mangle)]
-static LDNS_LISTEN_VNET: u32 = 0;
+static LDNS_LISTEN4: [u32; MAX_LISTEN] = [0; MAX_LISTEN];
 #[unsafe(no_mangle)]
-static LDNS_LISTEN_KUBE: u32 = 0;
+static LDNS_VIEW4: [u8; MAX_LISTEN] = [0; MAX_LISTEN];
+#[unsafe(no_mangle)]
+static LDNS_LISTEN6: [u64; 2 * MAX_LISTEN] = [0; 2 * MAX_LISTEN];
+#[unsafe(no_mangle)]
+static LDNS_VIEW6: [u8; MAX_LISTEN] = [0; MAX_LISTEN];
 #[unsafe(no_mangle)]
 static LDNS_HASH_SEED: u64 = 0;
 #[unsafe(no_mangle)]
@@ -69,25 +73,50 @@ fn global<T: Copy>(g: &T) -> T {
 }
 
 #[inline(always)]
+fn listeners() -> Listeners {
+    Listeners {
+        v4: global(&LDNS_LISTEN4),
+        view4: global(&LDNS_VIEW4),
+        v6: global(&LDNS_LISTEN6),
+        view6: global(&LDNS_VIEW6),
+    }
+}
+
+#[inline(always)]
 fn count(idx: u32) {
     if let Some(p) = LDNS_STATS.get_ptr_mut(idx) {
         unsafe { *p += 1 };
     }
 }
 
-/// Parses the query and, on a fresh hit, turns the packet into the reply.
+/// The query's address family, from the Ethertype: IPv4, IPv6, or not ours.
+#[inline(always)]
+fn family<P: Packet>(p: &P) -> Option<bool> {
+    let eth = ptr_at(p, 0, IP_OFF, STAT_NOT_DNS).ok()?;
+    match ld16(unsafe { eth.add(12) }) {
+        t if t == 0x0800u16.to_be() => Some(false),
+        t if t == 0x86ddu16.to_be() => Some(true),
+        _ => None, // ARP, VLAN-tagged, ...
+    }
+}
+
+/// Answers a query of either family, or says why not.
 #[inline(always)]
 fn try_answer<P: Packet>(p: &P) -> Verdict {
+    match family(p) {
+        Some(false) => answer::<P, false>(p),
+        Some(true) => answer::<P, true>(p),
+        None => Verdict::Pass(STAT_NOT_DNS),
+    }
+}
+
+/// Parses the query and, on a fresh hit, turns the packet into the reply.
+#[inline(always)]
+fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
     let Some(scratch) = LDNS_SCRATCH.get_ptr_mut(0) else {
         return Verdict::Pass(STAT_PASS_ERROR);
     };
-    let q = match query::parse(
-        p,
-        global(&LDNS_LISTEN_VNET),
-        global(&LDNS_LISTEN_KUBE),
-        global(&LDNS_HASH_SEED),
-        scratch,
-    ) {
+    let q = match query::parse::<P, V6>(p, &listeners(), global(&LDNS_HASH_SEED), scratch) {
         Ok(q) => q,
         Err(stat) => return Verdict::Pass(stat),
     };
@@ -109,13 +138,16 @@ fn try_answer<P: Packet>(p: &P) -> Verdict {
         Ok(f) => f,
         Err(stat) => return Verdict::Pass(stat),
     };
-    let stamp = match answer::checksum(p, &q, v, &fresh) {
+    if fresh.truncate {
+        return answer::truncated::<P, V6>(p, &q, v, &fresh);
+    }
+    let stamp = match answer::checksum::<P, V6>(p, &q, v, &fresh) {
         Ok(s) => s,
         Err(stat) => return Verdict::Pass(stat),
     };
-    let verdict = answer::rewrite(p, &q, v, &fresh, &stamp, scratch, global(&LDNS_FAULT));
-    if matches!(verdict, Verdict::Reply) && v.log != 0 {
-        log_hit(p, &q, now, fresh.dns_len, u16::from_be(stamp.rflags));
+    let verdict = answer::rewrite::<P, V6>(p, &q, v, &fresh, &stamp, scratch, global(&LDNS_FAULT));
+    if matches!(verdict, Verdict::Reply { .. }) && v.log != 0 {
+        log_hit::<P, V6>(p, &q, now, fresh.dns_len, u16::from_be(stamp.rflags));
     }
     verdict
 }
@@ -123,7 +155,8 @@ fn try_answer<P: Packet>(p: &P) -> Verdict {
 /// Emits a query-log event straight into the ring buffer (no stack copy).
 /// The reply still carries the question as the client sent it.
 #[inline(always)]
-fn log_hit<P: Packet>(p: &P, q: &Query, now: u64, reply_len: usize, rflags: u16) {
+fn log_hit<P: Packet, const V6: bool>(p: &P, q: &Query, now: u64, reply_len: usize, rflags: u16) {
+    let o = Off::of(V6);
     let Some(mut slot) = LDNS_LOG.reserve(0) else {
         count(STAT_LOG_DROPPED);
         return;
@@ -131,19 +164,25 @@ fn log_hit<P: Packet>(p: &P, q: &Query, now: u64, reply_len: usize, rflags: u16)
     let ev = slot.as_mut_ptr();
     // The reply's addresses and ports are swapped: the client is the
     // destination now.
-    let Ok(head) = ptr_at(p, 0, Q_OFF, STAT_LOG_DROPPED) else {
+    let Ok(head) = ptr_at(p, 0, o.q, STAT_LOG_DROPPED) else {
         slot.discard(0);
         count(STAT_LOG_DROPPED);
         return;
     };
     unsafe {
         (*ev).ktime_ns = now;
-        (*ev).saddr_ne = (head.add(IP_OFF + 16) as *const u32).read_unaligned();
-        (*ev).sport = be16(head.add(UDP_OFF + 2));
-        (*ev).id = be16(head.add(DNS_OFF));
+        (*ev).addr = [0; 16];
+        if V6 {
+            core::ptr::copy_nonoverlapping(head.add(IP_OFF + 24), (*ev).addr.as_mut_ptr(), 16);
+        } else {
+            core::ptr::copy_nonoverlapping(head.add(IP_OFF + 16), (*ev).addr.as_mut_ptr(), 4);
+        }
+        (*ev).family = if V6 { 6 } else { 4 };
+        (*ev).sport = be16(head.add(o.udp + 2));
+        (*ev).id = be16(head.add(o.dns));
         (*ev).qtype = q.qtype;
         (*ev).qclass = q.qclass;
-        (*ev).query_len = (q.dns_end - DNS_OFF) as u16;
+        (*ev).query_len = (q.dns_end - o.dns) as u16;
         (*ev).reply_len = reply_len as u16;
         (*ev).udp_size = if q.kflags & KEY_F_EDNS != 0 {
             q.udp_size
@@ -154,7 +193,7 @@ fn log_hit<P: Packet>(p: &P, q: &Query, now: u64, reply_len: usize, rflags: u16)
         (*ev).view = q.view;
         (*ev).kflags = q.kflags;
         (*ev).qname_len = q.qlen as u8;
-        (*ev)._pad = 0;
+        (*ev)._pad = [0; 4];
     }
     // Name words: QTYPE, QCLASS and the tail follow the name in the reply,
     // so whole words can be read.
@@ -164,7 +203,7 @@ fn log_hit<P: Packet>(p: &P, q: &Query, now: u64, reply_len: usize, rflags: u16)
         if i >= opaque(nwords) {
             break;
         }
-        let Ok(w) = ptr_at(p, Q_OFF + i * 8, 8, STAT_LOG_DROPPED) else {
+        let Ok(w) = ptr_at(p, o.q + i * 8, 8, STAT_LOG_DROPPED) else {
             slot.discard(0);
             count(STAT_LOG_DROPPED);
             return;
@@ -174,22 +213,44 @@ fn log_hit<P: Packet>(p: &P, q: &Query, now: u64, reply_len: usize, rflags: u16)
     slot.submit(0);
 }
 
+/// Counts a verdict; `room` is set when the packet is passed for want of
+/// room to grow (the XDP program then marks it for the TC companion).
+#[inline(always)]
+fn account(v: &Verdict) {
+    match v {
+        Verdict::Reply { truncated: false } => count(STAT_HIT),
+        Verdict::Reply { truncated: true } => count(STAT_TRUNCATED),
+        Verdict::Pass(stat) | Verdict::Drop(stat) => count(*stat),
+    }
+}
+
 #[xdp]
 pub fn localdns_xdp(ctx: XdpContext) -> u32 {
-    match try_answer(&Xdp(&ctx)) {
-        Verdict::Reply => {
-            count(STAT_HIT);
-            xdp_action::XDP_TX
-        }
-        Verdict::Pass(stat) => {
-            count(stat);
+    let verdict = try_answer(&Xdp(&ctx));
+    account(&verdict);
+    match verdict {
+        Verdict::Reply { .. } => xdp_action::XDP_TX,
+        Verdict::Pass(STAT_PASS_ROOM) => {
+            mark_needs_room(&ctx);
             xdp_action::XDP_PASS
         }
-        Verdict::Drop(stat) => {
-            count(stat);
-            xdp_action::XDP_DROP
-        }
+        Verdict::Pass(_) => xdp_action::XDP_PASS,
+        Verdict::Drop(_) => xdp_action::XDP_DROP,
     }
+}
+
+/// Leaves [`META_NEEDS_ROOM`] in the packet's metadata, where the TC
+/// companion program looks for it.
+#[inline(always)]
+fn mark_needs_room(ctx: &XdpContext) {
+    if unsafe { h::bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+        return;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + 4 > data {
+        return;
+    }
+    unsafe { (meta as *mut u32).write_unaligned(META_NEEDS_ROOM) };
 }
 
 /// Benchmark ceiling only (never attached by the daemon): turns every UDP/53
@@ -205,7 +266,10 @@ pub fn localdns_null(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_null<P: Packet>(p: &P) -> Result<(), u32> {
-    let f = ptr_at(p, 0, Q_OFF, STAT_NOT_DNS)?;
+    const O: Off = Off::of(false);
+    const UDP_OFF: usize = O.udp;
+    const DNS_OFF: usize = O.dns;
+    let f = ptr_at(p, 0, O.q, STAT_NOT_DNS)?;
     unsafe {
         if ld16(f.add(12)) != 0x0800u16.to_be()
             || *f.add(IP_OFF) != 0x45
@@ -214,7 +278,8 @@ fn try_null<P: Packet>(p: &P) -> Result<(), u32> {
             return Err(STAT_NOT_DNS);
         }
         let daddr = (f.add(IP_OFF + 16) as *const u32).read_unaligned();
-        if daddr != global(&LDNS_LISTEN_VNET) && daddr != global(&LDNS_LISTEN_KUBE) {
+        let l = listeners();
+        if !l.v4.contains(&daddr) {
             return Err(STAT_NOT_DNS);
         }
         if be16(f.add(UDP_OFF + 2)) != 53 || *f.add(DNS_OFF + 2) & 0x80 != 0 {
@@ -245,13 +310,33 @@ fn try_null<P: Packet>(p: &P) -> Result<(), u32> {
     Ok(())
 }
 
+/// TC mode: every query to a listener address.
 #[classifier]
 pub fn localdns_tc(ctx: TcContext) -> i32 {
-    let p = Tc(&ctx);
+    tc_answer(&ctx)
+}
+
+/// The TC companion of the XDP modes: answers only the queries the XDP
+/// program passed for want of room to grow the frame (marked in the
+/// metadata); everything else goes on untouched and uncounted.
+#[classifier]
+pub fn localdns_tc_room(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    if meta + 4 > data || unsafe { (meta as *const u32).read_unaligned() } != META_NEEDS_ROOM {
+        return TC_ACT_OK;
+    }
+    tc_answer(&ctx)
+}
+
+#[inline(always)]
+fn tc_answer(ctx: &TcContext) -> i32 {
+    let p = Tc(ctx);
     // Small queries are normally linear already; pull only when not.
     if p.data_end() - p.data() < p.frame_len() {
-        let len = if p.frame_len() > DNS_OFF + MAX_QUERY {
-            DNS_OFF + MAX_QUERY
+        let max = Off::of(true).dns + MAX_QUERY;
+        let len = if p.frame_len() > max {
+            max
         } else {
             p.frame_len()
         };
@@ -260,21 +345,16 @@ pub fn localdns_tc(ctx: TcContext) -> i32 {
             return TC_ACT_OK;
         }
     }
-    match try_answer(&p) {
-        Verdict::Reply => {
-            count(STAT_HIT);
+    let verdict = try_answer(&p);
+    account(&verdict);
+    match verdict {
+        Verdict::Reply { .. } => {
             // Out of the interface it came in on, back to the client.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             unsafe { h::bpf_redirect(ifindex, 0) as i32 }
         }
-        Verdict::Pass(stat) => {
-            count(stat);
-            TC_ACT_OK
-        }
-        Verdict::Drop(stat) => {
-            count(stat);
-            TC_ACT_SHOT
-        }
+        Verdict::Pass(_) => TC_ACT_OK,
+        Verdict::Drop(_) => TC_ACT_SHOT,
     }
 }
 

@@ -1,21 +1,18 @@
-//! Parsing a query in place, one small step per layer: Ethernet/IPv4/UDP,
-//! the DNS header, the question, the OPT record. Every step only reads;
-//! `Err(stat)` means "not ours to answer": PASS, counted under `stat`.
+//! Parsing a query in place, one small step per layer: Ethernet, IPv4 or
+//! IPv6, UDP, the DNS header, the question, the OPT record. Every step only
+//! reads; `Err(stat)` means "not ours to answer": PASS, counted under
+//! `stat`. The steps are generic over the address family (`V6`), so each
+//! family is compiled with constant offsets.
 
 use localdns_common::{
-    KEY_F_CD, KEY_F_DO, KEY_F_EDNS, MAX_QNAME, PLAIN_UDP_MAX, STAT_NOT_DNS, STAT_PASS_EDNS,
-    STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, VIEW_KUBE, VIEW_VNET, lower8,
+    KEY_F_CD, KEY_F_DO, KEY_F_EDNS, MAX_LISTEN, MAX_QNAME, PLAIN_UDP_MAX, STAT_NOT_DNS,
+    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, lower8,
     qname_hash_step,
 };
 
 use crate::packet::{Packet, be16, launder, ld16, ld64, opaque, ptr_at, st64};
 
-pub const ETH_LEN: usize = 14;
 pub const IP_OFF: usize = 14;
-pub const UDP_OFF: usize = 34;
-pub const DNS_OFF: usize = 42;
-/// Frame offset of the qname.
-pub const Q_OFF: usize = 54;
 /// Queries longer than this are not fast-path material.
 pub const MAX_QUERY: usize = 512;
 
@@ -23,10 +20,41 @@ pub const F_QR: u16 = 0x8000;
 pub const F_OPCODE: u16 = 0x7800;
 pub const F_TC: u16 = 0x0200;
 pub const F_RD: u16 = 0x0100;
+pub const F_RA: u16 = 0x0080;
 pub const F_Z: u16 = 0x0040;
 pub const F_AD: u16 = 0x0020;
 pub const F_CD: u16 = 0x0010;
 pub const F_RCODE: u16 = 0x000f;
+
+/// Frame offsets of one address family.
+#[derive(Clone, Copy)]
+pub struct Off {
+    /// UDP header.
+    pub udp: usize,
+    /// DNS header.
+    pub dns: usize,
+    /// The qname.
+    pub q: usize,
+}
+
+impl Off {
+    pub const fn of(v6: bool) -> Off {
+        let udp = if v6 { IP_OFF + 40 } else { IP_OFF + 20 };
+        Off {
+            udp,
+            dns: udp + 8,
+            q: udp + 20,
+        }
+    }
+}
+
+/// The listener addresses and their views (load-time constants).
+pub struct Listeners {
+    pub v4: [u32; MAX_LISTEN],
+    pub view4: [u8; MAX_LISTEN],
+    pub v6: [u64; 2 * MAX_LISTEN],
+    pub view6: [u8; MAX_LISTEN],
+}
 
 /// Everything later steps need to know about an eligible query.
 pub struct Query {
@@ -53,40 +81,72 @@ pub struct Query {
     pub qt_sum: u64,
 }
 
-/// Ethernet, IPv4, UDP: a datagram to port 53 of a listener address?
-/// Returns the view and the UDP length.
+/// Ethernet, IP, UDP: a datagram to port 53 of a listener address of the
+/// family? Returns the view and the UDP length. IPv6 with any extension
+/// header (fragments included) is passed.
 #[inline(always)]
-pub fn l4<P: Packet>(p: &P, vnet: u32, kube: u32) -> Result<(u8, usize), u32> {
-    let eth = ptr_at(p, 0, ETH_LEN, STAT_NOT_DNS)?;
-    if ld16(unsafe { eth.add(12) }) != 0x0800u16.to_be() {
-        return Err(STAT_NOT_DNS); // IPv6, ARP, VLAN-tagged: not ours
-    }
-    let ip = ptr_at(p, IP_OFF, 20, STAT_NOT_DNS)?;
-    let vihl = unsafe { *ip };
-    if vihl >> 4 != 4 || unsafe { *ip.add(9) } != 17 {
-        return Err(STAT_NOT_DNS);
-    }
-    let daddr = unsafe { (ip.add(16) as *const u32).read_unaligned() };
-    let view = if daddr == kube {
-        VIEW_KUBE
-    } else if daddr == vnet {
-        VIEW_VNET
+pub fn l4<P: Packet, const V6: bool>(
+    p: &P,
+    l: &Listeners,
+    slot: *mut u64,
+) -> Result<(u8, usize), u32> {
+    let o = Off::of(V6);
+    let ip = ptr_at(p, IP_OFF, o.udp - IP_OFF, STAT_NOT_DNS)?;
+    let (view, next, frag, ip_payload) = if V6 {
+        if unsafe { *ip } >> 4 != 6 {
+            return Err(STAT_NOT_DNS);
+        }
+        let d0 = ld64(unsafe { ip.add(24) });
+        let d1 = ld64(unsafe { ip.add(32) });
+        let mut view = 0xff;
+        for i in 0..MAX_LISTEN {
+            if d0 == l.v6[2 * i] && d1 == l.v6[2 * i + 1] {
+                view = l.view6[i];
+            }
+        }
+        let payload = be16(unsafe { ip.add(4) }) as usize;
+        (view, unsafe { *ip.add(6) }, 0, payload)
     } else {
-        return Err(STAT_NOT_DNS);
+        let vihl = unsafe { *ip };
+        if vihl >> 4 != 4 {
+            return Err(STAT_NOT_DNS);
+        }
+        let daddr = unsafe { (ip.add(16) as *const u32).read_unaligned() };
+        let mut view = 0xff;
+        for i in 0..MAX_LISTEN {
+            if daddr == l.v4[i] {
+                view = l.view4[i];
+            }
+        }
+        let tot = be16(unsafe { ip.add(2) }) as usize;
+        if view != 0xff && vihl != 0x45 {
+            return Err(STAT_PASS_IP); // options: the UDP header is elsewhere
+        }
+        let frag = be16(unsafe { ip.add(6) }) & 0x3fff; // MF or offset
+        (view, unsafe { *ip.add(9) }, frag, tot.wrapping_sub(20))
     };
-    let udp = ptr_at(p, UDP_OFF, 8, STAT_NOT_DNS)?;
-    if vihl != 0x45 {
-        return Err(STAT_PASS_IP); // options: the UDP header is elsewhere
+    if view == 0xff {
+        return Err(STAT_NOT_DNS);
     }
+    // One state for every listener from here on, not one per view.
+    let view = launder(slot, view as usize) as u8;
+    if next != 17 {
+        // IPv6 extension headers land here too: passed, not parsed.
+        return if V6 {
+            Err(STAT_PASS_IP)
+        } else {
+            Err(STAT_NOT_DNS)
+        };
+    }
+    let udp = ptr_at(p, o.udp, 8, STAT_PASS_IP)?;
     if be16(unsafe { udp.add(2) }) != 53 {
         return Err(STAT_NOT_DNS);
     }
-    if be16(unsafe { ip.add(6) }) & 0x3fff != 0 {
-        return Err(STAT_PASS_IP); // fragment (MF or offset)
+    if frag != 0 {
+        return Err(STAT_PASS_IP);
     }
-    let tot_len = be16(unsafe { ip.add(2) }) as usize;
     let udp_len = be16(unsafe { udp.add(4) }) as usize;
-    if tot_len != 20 + udp_len || ETH_LEN + tot_len > p.frame_len() {
+    if ip_payload != udp_len || o.udp + udp_len > p.frame_len() {
         return Err(STAT_PASS_IP);
     }
     if !(8 + 12 + 5..=8 + MAX_QUERY).contains(&udp_len) {
@@ -98,8 +158,8 @@ pub fn l4<P: Packet>(p: &P, vnet: u32, kube: u32) -> Result<(u8, usize), u32> {
 /// The DNS header: a plain standard query with one question and at most
 /// one additional record. Returns (flags, ARCOUNT).
 #[inline(always)]
-pub fn header<P: Packet>(p: &P) -> Result<(u16, u16), u32> {
-    let hdr = ptr_at(p, DNS_OFF, 12, STAT_PASS_HEADER)?;
+pub fn header<P: Packet, const V6: bool>(p: &P) -> Result<(u16, u16), u32> {
+    let hdr = ptr_at(p, Off::of(V6).dns, 12, STAT_PASS_HEADER)?;
     let qflags = be16(unsafe { hdr.add(2) });
     if qflags & (F_QR | F_OPCODE | F_TC | F_Z | F_RCODE) != 0 {
         return Err(STAT_PASS_HEADER);
@@ -118,10 +178,11 @@ pub fn header<P: Packet>(p: &P) -> Result<(u16, u16), u32> {
 /// The qname: labels of at most 63 bytes, no compression, at most 255
 /// bytes. Returns its length, root label included.
 #[inline(always)]
-pub fn qname_len<P: Packet>(p: &P) -> Result<usize, u32> {
+pub fn qname_len<P: Packet, const V6: bool>(p: &P) -> Result<usize, u32> {
+    let q = Off::of(V6).q;
     let mut pos: usize = 0;
     for _ in 0..128 {
-        let l = unsafe { *ptr_at(p, Q_OFF + pos, 1, STAT_PASS_QNAME)? } as usize;
+        let l = unsafe { *ptr_at(p, q + pos, 1, STAT_PASS_QNAME)? } as usize;
         if l == 0 {
             return Ok(pos + 1);
         }
@@ -143,15 +204,21 @@ pub fn qname_len<P: Packet>(p: &P) -> Result<usize, u32> {
 /// laundered copy of the remaining length, so they do not narrow `qlen`
 /// itself (which would split the verifier's state once per word).
 #[inline(always)]
-fn qname_word<P: Packet>(p: &P, i: usize, qlen: usize, slot: *mut u64) -> Result<u64, u32> {
+fn qname_word<P: Packet, const V6: bool>(
+    p: &P,
+    i: usize,
+    qlen: usize,
+    slot: *mut u64,
+) -> Result<u64, u32> {
+    let q = Off::of(V6).q;
     let qlen = qlen & 0xff;
     let i = i & 31;
     // Name bytes from this word on, >= 1.
     let rest = launder(slot, qlen - i * 8) & 0xff;
     let w = if rest >= 4 {
-        ld64(ptr_at(p, Q_OFF + i * 8, 8, STAT_PASS_QNAME)?)
+        ld64(ptr_at(p, q + i * 8, 8, STAT_PASS_QNAME)?)
     } else {
-        let end = Q_OFF + qlen + 4 - 8;
+        let end = q + qlen + 4 - 8;
         let w = ld64(ptr_at(p, end, 8, STAT_PASS_QNAME)?);
         w >> (8 * ((4 - rest) & 7))
     };
@@ -166,7 +233,7 @@ fn qname_word<P: Packet>(p: &P, i: usize, qlen: usize, slot: *mut u64) -> Result
 /// name zeroed), hashing it and summing it as sent on the way: the only
 /// pass over the name in the packet.
 #[inline(always)]
-pub fn take_name<P: Packet>(
+pub fn take_name<P: Packet, const V6: bool>(
     p: &P,
     qlen: usize,
     seed: u64,
@@ -181,7 +248,7 @@ pub fn take_name<P: Packet>(
         if i >= opaque(nwords) {
             break;
         }
-        let w = qname_word(p, i, qlen, slot)?;
+        let w = qname_word::<P, V6>(p, i, qlen, slot)?;
         sum += (w & 0xffff_ffff) + (w >> 32);
         let lw = lower8(w);
         st64(unsafe { dst.add(i * 8) }, lw);
@@ -234,30 +301,35 @@ pub fn opt<P: Packet>(
 /// `scratch`; the name length is laundered there too, so the up to 128
 /// ways out of the qname walk continue as one verifier state.
 #[inline(always)]
-pub fn parse<P: Packet>(
+pub fn parse<P: Packet, const V6: bool>(
     p: &P,
-    vnet: u32,
-    kube: u32,
+    l: &Listeners,
     seed: u64,
     scratch: *mut Scratch,
 ) -> Result<Query, u32> {
+    let o = Off::of(V6);
     let slot = unsafe { &raw mut (*scratch).launder };
-    let (view, udp_len) = l4(p, vnet, kube)?;
-    let dns_end = UDP_OFF + udp_len;
-    let (qflags, arcount) = header(p)?;
+    let (view, udp_len) = l4::<P, V6>(p, l, slot)?;
+    let dns_end = o.udp + udp_len;
+    let (qflags, arcount) = header::<P, V6>(p)?;
     // The mask, not a range check, bounds it for the verifier: kernels
     // before ~6.10 do not carry a check on `qlen - 1` back to `qlen`.
-    let qlen = launder(slot, qname_len(p)?) & 0xff;
+    let qlen = launder(slot, qname_len::<P, V6>(p)?) & 0xff;
     if qlen == 0 {
         return Err(STAT_PASS_QNAME);
     }
-    let qend = Q_OFF + qlen + 4;
-    let qt = ptr_at(p, Q_OFF + qlen, 4, STAT_PASS_QNAME)?;
+    let qend = o.q + qlen + 4;
+    let qt = ptr_at(p, o.q + qlen, 4, STAT_PASS_QNAME)?;
     let qtype = be16(qt);
     let qclass = be16(unsafe { qt.add(2) });
     let qt_sum = ld16(qt) as u64 + ld16(unsafe { qt.add(2) }) as u64;
     let (kflags, client_max, udp_size) = opt(p, qend, dns_end, arcount, qflags)?;
-    let (hash, q_sum) = take_name(p, qlen, seed, scratch)?;
+    let (hash, q_sum) = take_name::<P, V6>(p, qlen, seed, scratch)?;
+    // Branches gave these exact values per path (flags, sizes): the
+    // verifier would check everything after once per combination.
+    let kflags = launder(slot, kflags as usize) as u8;
+    let client_max = launder(slot, client_max) & 0xffff;
+    let udp_size = launder(slot, udp_size as usize) as u16;
     Ok(Query {
         view,
         kflags,

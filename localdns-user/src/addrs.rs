@@ -1,10 +1,11 @@
 //! The listener addresses, through rtnetlink: on a `localdns` dummy device
-//! where the kernel has dummy links (as AKS does), otherwise as /32 on `lo`
-//! labelled `lo:localdns`, so `teardown` removes exactly what localdns
-//! added. They stay when the daemon stops (the next instance, and the
-//! kernel fast path on `lo`, need them); `teardown` removes them.
+//! where the kernel has dummy links (as AKS does), otherwise on `lo` (/32,
+//! or /128 for IPv6). IPv4 addresses on `lo` are labelled `lo:localdns`, so
+//! `teardown` removes exactly what localdns added (IPv6 has no labels:
+//! teardown is told which). They stay when the daemon stops (the next
+//! instance, and the kernel fast path on `lo`, need them).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
@@ -66,11 +67,11 @@ pub struct Listeners {
     /// `localdns` or `lo`.
     pub device: String,
     /// Addresses this call added (the others were already there).
-    pub added: Vec<Ipv4Addr>,
+    pub added: Vec<IpAddr>,
 }
 
 /// Makes sure every listener address is configured.
-pub async fn ensure(handle: &Handle, addrs: &[Ipv4Addr]) -> Result<Listeners, AddrError> {
+pub async fn ensure(handle: &Handle, addrs: &[IpAddr]) -> Result<Listeners, AddrError> {
     let (device, index) = match link_index(handle, DEVICE).await {
         Some(i) => (DEVICE.to_string(), i),
         None => match handle
@@ -92,19 +93,20 @@ pub async fn ensure(handle: &Handle, addrs: &[Ipv4Addr]) -> Result<Listeners, Ad
     let present = all_addresses(handle).await?;
     let mut added = Vec::new();
     for a in addrs {
-        if present.iter().any(|(ip, _)| *ip == IpAddr::V4(*a)) {
+        if present.iter().any(|(ip, _)| ip == a) {
             tracing::info!(addr = %a, "listener address already present");
             continue;
         }
-        let mut req = handle.address().add(index, IpAddr::V4(*a), 32);
-        if device == "lo" {
+        let len = if a.is_ipv4() { 32 } else { 128 };
+        let mut req = handle.address().add(index, *a, len);
+        if device == "lo" && a.is_ipv4() {
             req.message_mut()
                 .attributes
                 .push(AddressAttribute::Label(LO_LABEL.into()));
         }
         req.execute()
             .await
-            .map_err(nl(format!("adding {a}/32 to {device}")))?;
+            .map_err(nl(format!("adding {a}/{len} to {device}")))?;
         added.push(*a);
     }
     Ok(Listeners { device, added })
@@ -115,15 +117,19 @@ async fn lo_index(handle: &Handle) -> Result<u32, AddrError> {
 }
 
 /// Removes what [`ensure`] may have added in any earlier run: addresses
-/// labelled [`LO_LABEL`] and the [`DEVICE`] dummy link with its addresses.
-/// Returns what was removed, for the log.
-pub async fn remove(handle: &Handle) -> Result<Vec<String>, AddrError> {
+/// labelled [`LO_LABEL`], the IPv6 listener addresses `v6` on `lo`, and
+/// the [`DEVICE`] dummy link with its addresses. Returns what was removed,
+/// for the log.
+pub async fn remove(handle: &Handle, v6: &[Ipv6Addr]) -> Result<Vec<String>, AddrError> {
     let mut gone = Vec::new();
+    let lo = link_index(handle, "lo").await;
     for (ip, m) in all_addresses(handle).await? {
-        let ours = m
+        let labelled = m
             .attributes
             .iter()
             .any(|a| matches!(a, AddressAttribute::Label(l) if l == LO_LABEL));
+        let listed = matches!(ip, IpAddr::V6(a) if v6.contains(&a)) && Some(m.header.index) == lo;
+        let ours = labelled || listed;
         if ours {
             handle
                 .address()

@@ -62,6 +62,10 @@ enum Cmd {
     Teardown {
         #[arg(long, default_value = "/sys/fs/bpf/localdns")]
         pin_path: PathBuf,
+        /// IPv6 listener addresses to remove from `lo` (IPv4 ones carry a
+        /// label and are found without this).
+        #[arg(long = "listen6")]
+        listen6: Vec<std::net::Ipv6Addr>,
     },
     /// Inspect the running instance's pinned kernel maps.
     Cache {
@@ -106,10 +110,12 @@ struct RunArgs {
     /// ClusterCoreDNS upstream IP[:PORT] (repeatable).
     #[arg(long = "cluster-dns", default_values_t = vec!["10.0.0.10".to_string()])]
     cluster_dns: Vec<String>,
-    #[arg(long, default_value = "169.254.10.10")]
-    vnet_listen: Ipv4Addr,
-    #[arg(long, default_value = "169.254.10.11")]
-    kube_listen: Ipv4Addr,
+    /// Listener address of the vnet view (repeatable, IPv4 or IPv6).
+    #[arg(long = "vnet-listen", default_values_t = vec![IpAddr::V4(Ipv4Addr::new(169, 254, 10, 10))])]
+    vnet_listen: Vec<IpAddr>,
+    /// Listener address of the kube view (repeatable, IPv4 or IPv6).
+    #[arg(long = "kube-listen", default_values_t = vec![IpAddr::V4(Ipv4Addr::new(169, 254, 10, 11))])]
+    kube_listen: Vec<IpAddr>,
     /// Prometheus metrics address ("none" to disable).
     #[arg(long, default_value = ":9253")]
     metrics: String,
@@ -139,9 +145,9 @@ fn main() -> Result<()> {
     match cli.cmd {
         Some(Cmd::CheckConfig { file }) => check_config(&file),
         Some(Cmd::Cache { op, pin_path }) => cache_cmd(op, &pin_path),
-        Some(Cmd::Teardown { pin_path }) => {
+        Some(Cmd::Teardown { pin_path, listen6 }) => {
             init_logging(false);
-            runtime()?.block_on(teardown(&pin_path))
+            runtime()?.block_on(teardown(&pin_path, &listen6))
         }
         Some(Cmd::RenderCorefile {
             file,
@@ -195,14 +201,23 @@ fn parse_upstream(s: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, 53))
 }
 
-fn resolv_conf_upstreams(exclude: &[Ipv4Addr]) -> Vec<SocketAddr> {
+fn resolv_conf_upstreams(exclude: &[(IpAddr, u8)]) -> Vec<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     text.lines()
         .filter_map(|l| l.strip_prefix("nameserver"))
         .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
-        .filter(|ip| !matches!(ip, IpAddr::V4(v4) if exclude.contains(v4)))
+        .filter(|ip| !exclude.iter().any(|(l, _)| l == ip))
         .map(|ip| SocketAddr::new(ip, 53))
         .collect()
+}
+
+impl RunArgs {
+    /// Every listener address with its view.
+    fn listeners(&self) -> Vec<(IpAddr, u8)> {
+        let v = self.vnet_listen.iter().map(|a| (*a, VIEW_VNET));
+        v.chain(self.kube_listen.iter().map(|a| (*a, VIEW_KUBE)))
+            .collect()
+    }
 }
 
 fn listen_addr(s: &str) -> Result<Option<SocketAddr>> {
@@ -231,9 +246,17 @@ fn run(args: RunArgs) -> Result<()> {
     }
     if loaded.config.mode == Mode::Disabled {
         tracing::info!("mode Disabled: removing anything an earlier run left, then exiting");
-        return runtime()?.block_on(teardown(&args.pin_path));
+        let v6: Vec<std::net::Ipv6Addr> = args
+            .listeners()
+            .iter()
+            .filter_map(|(a, _)| match a {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        return runtime()?.block_on(teardown(&args.pin_path, &v6));
     }
-    let listen = [args.vnet_listen, args.kube_listen];
+    let listen = args.listeners();
     let vnet: Vec<SocketAddr> = if args.vnet_dns.is_empty() {
         resolv_conf_upstreams(&listen)
     } else {
@@ -268,12 +291,17 @@ async fn serve(
     cluster: Vec<SocketAddr>,
 ) -> Result<()> {
     let nl = ifaces::connect()?;
-    let lst = addrs::ensure(&nl, &[args.vnet_listen, args.kube_listen]).await?;
+    let listeners = args.listeners();
+    let ips: Vec<IpAddr> = listeners.iter().map(|(a, _)| *a).collect();
+    let lst = addrs::ensure(&nl, &ips).await?;
     tracing::info!(device = %lst.device, added = ?lst.added, "listener addresses ready");
     listen::enable_tcp_migration();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (vu, vt) = listen::bind(SocketAddr::new(args.vnet_listen.into(), 53), cores)?;
-    let (ku, kt) = listen::bind(SocketAddr::new(args.kube_listen.into(), 53), cores)?;
+    let mut bound = Vec::new();
+    for (ip, view) in &listeners {
+        let (u, t) = listen::bind(SocketAddr::new(*ip, 53), cores)?;
+        bound.push((u, t, *view));
+    }
     let patterns = Patterns::new(&args.ifaces)?;
     let fastpath = start_fastpath(&args)?;
     let res = Resolver::new(&cfg, &vnet, &cluster, fastpath.clone());
@@ -307,11 +335,9 @@ async fn serve(
     };
     // Serving tasks finish by themselves once stopped (draining); the
     // others are aborted.
-    let mut serving = vec![
-        tokio::spawn(listen::serve_tcp(vt, VIEW_VNET, ctx.clone())),
-        tokio::spawn(listen::serve_tcp(kt, VIEW_KUBE, ctx.clone())),
-    ];
-    for (socks, view) in [(vu, VIEW_VNET), (ku, VIEW_KUBE)] {
+    let mut serving = Vec::new();
+    for (socks, tcp, view) in bound {
+        serving.push(tokio::spawn(listen::serve_tcp(tcp, view, ctx.clone())));
         for s in socks {
             serving.push(tokio::spawn(listen::serve_udp(s, view, ctx.clone())));
         }
@@ -347,7 +373,7 @@ async fn serve(
     }));
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(
-        vnet = %args.vnet_listen, kube = %args.kube_listen,
+        vnet = ?args.vnet_listen, kube = ?args.kube_listen,
         vnet_upstreams = ?vnet, cluster_upstreams = ?cluster,
         fastpath = fastpath.is_some(), "localdns ready"
     );
@@ -387,8 +413,7 @@ fn start_fastpath(args: &RunArgs) -> Result<Option<Arc<Fastpath>>> {
         return Ok(None);
     }
     let o = fastpath::Options {
-        vnet: args.vnet_listen,
-        kube: args.kube_listen,
+        listen: args.listeners(),
         pin_dir: args.pin_path.clone(),
         entries: args.fastpath_entries,
         mode: args.attach_mode,
@@ -460,12 +485,12 @@ fn log_changes(changes: &[Change]) {
 }
 
 /// `teardown` and mode Disabled: remove what any earlier run left.
-async fn teardown(pin_path: &Path) -> Result<()> {
+async fn teardown(pin_path: &Path, listen6: &[std::net::Ipv6Addr]) -> Result<()> {
     let nl = ifaces::connect()?;
     let all = ifaces::list(&nl).await?;
     let filters = fastpath::attach::detach_netlink_tc(&all);
     let pins = PinDir::new(pin_path).remove_all();
-    let addrs = addrs::remove(&nl).await?;
+    let addrs = addrs::remove(&nl, listen6).await?;
     tracing::info!(
         pins,
         netlink_tc_filters = filters,
@@ -482,7 +507,11 @@ fn log_kernel_hit(ev: &localdns_common::LogEvent) {
     let qn = &ev.qname[..(ev.qname_len as usize).min(ev.qname.len())];
     let f = LogFields {
         client: SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::from(ev.saddr_ne.to_ne_bytes())),
+            if ev.family == 6 {
+                IpAddr::from(ev.addr)
+            } else {
+                IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
+            },
             ev.sport,
         ),
         tr: Transport::Udp,

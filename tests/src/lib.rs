@@ -8,7 +8,7 @@ pub mod msg;
 pub mod netns;
 pub mod topo;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 pub use msg::{QEdns, dns_query, dns_response};
 
@@ -35,77 +35,109 @@ pub fn inet_csum(chunks: &[&[u8]]) -> u16 {
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
-/// Knobs for an Ethernet/IPv4 frame around a payload.
+/// Knobs for an Ethernet/IPv4 or IPv6 frame around a payload.
 #[derive(Clone)]
 pub struct FrameSpec {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// IPv4 only.
     pub ip_options: Vec<u8>,
+    /// IPv4 only: flags and fragment offset.
     pub frag: u16,
     pub ethertype: u16,
+    /// IPv6 only: a hop-by-hop options header before UDP.
+    pub hop_by_hop: bool,
 }
 
 impl FrameSpec {
-    pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Self {
+    /// A client -> node datagram; the family follows the addresses.
+    pub fn udp(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, sport: u16, dport: u16) -> Self {
+        let dst = dst.into();
         FrameSpec {
-            src,
+            src: src.into(),
             dst,
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
             sport,
             dport,
             proto: 17,
             ip_options: Vec::new(),
             frag: 0x4000,
-            ethertype: 0x0800,
+            ethertype: if dst.is_ipv6() { 0x86dd } else { 0x0800 },
+            hop_by_hop: false,
         }
     }
 
-    /// The frame: Ethernet (client -> node), IPv4, UDP (or raw L4 bytes when
-    /// `proto` is not UDP), with correct checksums.
+    /// The reply's frame spec: addresses, ports and MACs swapped.
+    pub fn reversed(&self) -> Self {
+        FrameSpec {
+            src: self.dst,
+            dst: self.src,
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            sport: self.dport,
+            dport: self.sport,
+            ..self.clone()
+        }
+    }
+
+    /// The frame: Ethernet, IPv4 or IPv6, UDP (or raw L4 bytes when
+    /// `proto` is not UDP), with correct checksums computed the textbook
+    /// way.
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
-        f.extend_from_slice(&NODE_MAC);
-        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
         f.extend_from_slice(&self.ethertype.to_be_bytes());
-        let ihl = 5 + self.ip_options.len() / 4;
-        let l4_len = if self.proto == 17 {
-            8 + payload.len()
+        let l4 = if self.proto == 17 {
+            udp_segment(self.src, self.dst, self.sport, self.dport, payload)
         } else {
-            payload.len()
+            payload.to_vec()
         };
-        let tot = ihl * 4 + l4_len;
-        let mut ip = vec![(4 << 4) | ihl as u8, 0];
-        ip.extend_from_slice(&(tot as u16).to_be_bytes());
-        ip.extend_from_slice(&0x1234u16.to_be_bytes());
-        ip.extend_from_slice(&self.frag.to_be_bytes());
-        ip.extend_from_slice(&[64, self.proto, 0, 0]);
-        ip.extend_from_slice(&self.src.octets());
-        ip.extend_from_slice(&self.dst.octets());
-        ip.extend_from_slice(&self.ip_options);
-        let c = inet_csum(&[&ip]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        f.extend_from_slice(&ip);
-        if self.proto == 17 {
-            f.extend_from_slice(&udp_segment(
-                self.src, self.dst, self.sport, self.dport, payload,
-            ));
-        } else {
-            f.extend_from_slice(payload);
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let ihl = 5 + self.ip_options.len() / 4;
+                let tot = ihl * 4 + l4.len();
+                let mut ip = vec![(4 << 4) | ihl as u8, 0];
+                ip.extend_from_slice(&(tot as u16).to_be_bytes());
+                ip.extend_from_slice(&0x1234u16.to_be_bytes());
+                ip.extend_from_slice(&self.frag.to_be_bytes());
+                ip.extend_from_slice(&[64, self.proto, 0, 0]);
+                ip.extend_from_slice(&src.octets());
+                ip.extend_from_slice(&dst.octets());
+                ip.extend_from_slice(&self.ip_options);
+                let c = inet_csum(&[&ip]);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                f.extend_from_slice(&ip);
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let ext = if self.hop_by_hop { 8 } else { 0 };
+                let next = if self.hop_by_hop { 0 } else { self.proto };
+                f.extend_from_slice(&[0x60, 0, 0, 0]);
+                f.extend_from_slice(&((l4.len() + ext) as u16).to_be_bytes());
+                f.extend_from_slice(&[next, 64]);
+                f.extend_from_slice(&src.octets());
+                f.extend_from_slice(&dst.octets());
+                if self.hop_by_hop {
+                    // Next header, length 0 (8 bytes), PadN.
+                    f.extend_from_slice(&[self.proto, 0, 1, 4, 0, 0, 0, 0]);
+                }
+            }
+            _ => panic!("mixed address families"),
         }
+        f.extend_from_slice(&l4);
         f
     }
 }
 
-/// UDP header + payload with the checksum over the pseudo-header.
-pub fn udp_segment(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
+/// UDP header + payload with the checksum over the pseudo-header (IPv4 or
+/// IPv6, RFC 768 / RFC 8200 §8.1).
+pub fn udp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let len = (8 + payload.len()) as u16;
     let mut u = Vec::new();
     u.extend_from_slice(&sport.to_be_bytes());
@@ -114,10 +146,21 @@ pub fn udp_segment(
     u.extend_from_slice(&[0, 0]);
     u.extend_from_slice(payload);
     let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&len.to_be_bytes());
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&len.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        }
+        _ => panic!("mixed address families"),
+    }
     let mut c = inet_csum(&[&pseudo, &u]);
     if c == 0 {
         c = 0xffff;

@@ -4,7 +4,7 @@
 //! for the DNS payload (so kernel and daemon must agree byte for byte) and
 //! textbook checksums for IPv4 and UDP.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -12,7 +12,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use localdns_common::{
     CacheKey, CacheValue, MAP_CACHE, MAP_STATS, STAT_EXPIRED, STAT_HIT, STAT_MISS, STAT_NAMES,
     STAT_NOT_DNS, STAT_PASS_COLLISION, STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP,
-    STAT_PASS_QNAME, STAT_PASS_SIZE,
+    STAT_PASS_QNAME,
 };
 use localdns_tests::*;
 use localdns_user::cache::{Entry, Key, mono_ns};
@@ -22,6 +22,9 @@ use localdns_user::wire::parse_query;
 const VNET: Ipv4Addr = Ipv4Addr::new(169, 254, 10, 10);
 const KUBE: Ipv4Addr = Ipv4Addr::new(169, 254, 10, 11);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(169, 254, 100, 2);
+const VNET6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x10, 0x10);
+const KUBE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x10, 0x11);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x100, 2);
 const SEED: u64 = 0x5eed_1234_abcd_0042;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -49,15 +52,12 @@ impl Rig {
             is_root(),
             "BPF_PROG_TEST_RUN tests need root (CI runs as root)"
         );
-        let g = Globals {
-            vnet: VNET,
-            kube: KUBE,
-            seed: SEED,
-            fault,
-        };
+        let g = globals(fault);
         let mut ebpf = fastpath::open(&g, 1024, None).expect("open object");
         fastpath::load_xdp(&mut ebpf).expect("XDP program verifies");
         fastpath::load_tc(&mut ebpf).expect("TC program verifies");
+        fastpath::load_classifier(&mut ebpf, fastpath::TC_ROOM_PROG)
+            .expect("TC companion verifies");
         let cache = BpfHashMap::try_from(ebpf.take_map(MAP_CACHE).unwrap()).unwrap();
         let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).unwrap()).unwrap();
         Rig { ebpf, cache, stats }
@@ -100,7 +100,7 @@ impl Rig {
 
     /// Caches the reply `resp` to DNS query `query` sent to `dst`, inserted
     /// `age_ns` ago; returns the entry.
-    fn seed(&mut self, dst: Ipv4Addr, query: &[u8], resp: &[u8], age_ns: u64) -> Entry {
+    fn seed(&mut self, dst: IpAddr, query: &[u8], resp: &[u8], age_ns: u64) -> Entry {
         let q = parse_query(query).unwrap();
         // A freshly booted VM's monotonic clock may be younger than the age.
         let up = mono_ns();
@@ -110,7 +110,7 @@ impl Rig {
         let e = Entry::from_upstream(&q, resp, 3600, 3600, mono_ns() - age_ns).unwrap();
         let key = Key::of(view_of(dst), &q);
         self.cache
-            .insert(encode::key(&key, SEED), encode::value(&e, &key).unwrap(), 0)
+            .insert(encode::key(&key, SEED), encode::value(&e).unwrap(), 0)
             .unwrap();
         e
     }
@@ -123,39 +123,56 @@ impl Rig {
     }
 }
 
-fn view_of(dst: Ipv4Addr) -> u8 {
-    if dst == KUBE {
+/// How a query frame of [`FrameSpec::build`] was built (no options).
+fn spec_of(f: &[u8]) -> FrameSpec {
+    let port = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+    let mut s = if f[12..14] == [0x86, 0xdd] {
+        let a = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&f[at..at + 16]).unwrap());
+        FrameSpec::udp(a(22), a(38), port(54), port(56))
+    } else {
+        let a = |at: usize| Ipv4Addr::from(<[u8; 4]>::try_from(&f[at..at + 4]).unwrap());
+        FrameSpec::udp(a(26), a(30), port(34), port(36))
+    };
+    s.dst_mac.copy_from_slice(&f[0..6]);
+    s.src_mac.copy_from_slice(&f[6..12]);
+    s
+}
+
+/// The program's load-time constants in these tests: both families.
+fn globals(fault: u32) -> Globals {
+    use localdns_common::{VIEW_KUBE, VIEW_VNET};
+    Globals {
+        listen: vec![
+            (VNET.into(), VIEW_VNET),
+            (KUBE.into(), VIEW_KUBE),
+            (VNET6.into(), VIEW_VNET),
+            (KUBE6.into(), VIEW_KUBE),
+        ],
+        seed: SEED,
+        fault,
+    }
+}
+
+fn view_of(dst: IpAddr) -> u8 {
+    if dst == IpAddr::from(KUBE) || dst == IpAddr::from(KUBE6) {
         localdns_common::VIEW_KUBE
     } else {
         localdns_common::VIEW_VNET
     }
 }
 
-/// The reply frame the kernel must produce for `frame` (a query built by
-/// FrameSpec) from `entry` at `now`.
+/// The reply frame the kernel must produce for the query `spec` carried
+/// `dns` in, from `entry` at `now`: the daemon's reply (TC=1 when it does
+/// not fit the client, as the daemon sends it) in a frame built the
+/// textbook way with addresses, ports and MACs swapped.
 fn expected_reply(frame: &[u8], dns: &[u8], entry: &Entry, now: u64) -> Vec<u8> {
+    let spec = spec_of(frame);
     let q = parse_query(dns).unwrap();
-    let payload = entry.render(dns, &q, now, 65535).unwrap();
-    let mut f = Vec::new();
-    f.extend_from_slice(&frame[6..12]);
-    f.extend_from_slice(&frame[0..6]);
-    f.extend_from_slice(&frame[12..14]);
-    let mut ip = frame[14..34].to_vec();
-    ip[2..4].copy_from_slice(&((20 + 8 + payload.len()) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[10..12].fill(0);
-    let (src, dst) = (ip[12..16].to_vec(), ip[16..20].to_vec());
-    ip[12..16].copy_from_slice(&dst);
-    ip[16..20].copy_from_slice(&src);
-    let c = inet_csum(&[&ip]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    let sport = u16::from_be_bytes([frame[34], frame[35]]);
-    let dport = u16::from_be_bytes([frame[36], frame[37]]);
-    let d: [u8; 4] = dst.try_into().unwrap();
-    let s: [u8; 4] = src.try_into().unwrap();
-    f.extend_from_slice(&udp_segment(d.into(), s.into(), dport, sport, &payload));
-    f
+    let payload = entry
+        .render(dns, &q, now, q.max_udp())
+        .or_else(|| localdns_user::wire::error_reply(dns, Some(&q), entry.rcode, true))
+        .unwrap();
+    spec.reversed().build(&payload)
 }
 
 fn cookie() -> Vec<u8> {
@@ -173,12 +190,14 @@ fn a_rr(q: &[u8], ttl: u32, ip: [u8; 4]) -> hickory_proto::rr::Record {
 enum Expect {
     /// Answered: the expected reply is rendered from the seeded entry.
     Hit,
+    /// Answered TC=1 (the answer is larger than the client takes).
+    Truncated,
     /// Passed with this counter bumped and the packet untouched.
     Pass(u32),
 }
 
 /// (destination, query message, upstream reply builder, age of the entry).
-type Seed = (Ipv4Addr, Vec<u8>, fn(&[u8]) -> Vec<u8>, u64);
+type Seed = (IpAddr, Vec<u8>, fn(&[u8]) -> Vec<u8>, u64);
 
 struct Case {
     name: &'static str,
@@ -228,13 +247,21 @@ fn resp_cname(q: &[u8]) -> Vec<u8> {
 fn resp_nxdomain(q: &[u8]) -> Vec<u8> {
     dns_response(q, 3, &[], &[msg::soa("example.test.", 300, 60)])
 }
+/// A TXT answer of about 1150 bytes: a reply of about 1200.
+fn resp_txt_1200(q: &[u8]) -> Vec<u8> {
+    let strings: Vec<String> = (0..5).map(|i| format!("{i}").repeat(220)).collect();
+    dns_response(q, 0, &[msg::txt(&msg::qname_of(q), 300, &strings)], &[])
+}
 fn resp_big(q: &[u8]) -> Vec<u8> {
     let rrs: Vec<_> = (0..30).map(|i| a_rr(q, 300, [10, 0, 0, i])).collect();
     dns_response(q, 0, &rrs, &[])
 }
 
-fn udp_to(dst: Ipv4Addr, dport: u16) -> FrameSpec {
-    FrameSpec::udp(CLIENT, dst, 40000, dport)
+fn udp_to(dst: impl Into<IpAddr>, dport: u16) -> FrameSpec {
+    match dst.into() {
+        IpAddr::V4(d) => FrameSpec::udp(CLIENT, d, 40000, dport),
+        IpAddr::V6(d) => FrameSpec::udp(CLIENT6, d, 40000, dport),
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -284,11 +311,11 @@ fn cases() -> Vec<Case> {
     let mut q_trailing = q_www_plain.clone();
     q_trailing.extend_from_slice(&[0, 0, 0]);
 
-    let f = |dst: Ipv4Addr, dns: &[u8]| udp_to(dst, 53).build(dns);
-    let seed = |dst, q: &Vec<u8>, r: fn(&[u8]) -> Vec<u8>, age| {
+    let f = |dst: IpAddr, dns: &[u8]| udp_to(dst, 53).build(dns);
+    let seed = |dst: IpAddr, q: &Vec<u8>, r: fn(&[u8]) -> Vec<u8>, age| {
         Some((dst, q.clone(), r as fn(&[u8]) -> Vec<u8>, age))
     };
-    let mut truncated = f(VNET, &q_www);
+    let mut truncated = f(VNET.into(), &q_www);
     truncated.truncate(14 + 20 + 8 + 12 + 5);
     let mut opts = udp_to(VNET, 53);
     opts.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
@@ -323,137 +350,232 @@ fn cases() -> Vec<Case> {
     let q_ad_asked = dns_query(0x1c1c, "www.example.test", 1, 0x0120, None);
     let q_ad_do = dns_query(0x1d1d, "www.example.test", 1, 0x0100, Some(&do_edns));
     let q_no_rd = dns_query(0x1e1e, "www.example.test", 1, 0x0000, None);
+    let mut pad = vec![0, 12, 0, 200]; // PADDING, 200 bytes
+    pad.extend(vec![0u8; 200]);
+    let q_padded = dns_query(
+        0x6f6f,
+        "www.example.test",
+        1,
+        0x0100,
+        Some(&QEdns {
+            udp_size: 1232,
+            do_bit: false,
+            options: pad,
+        }),
+    );
+    let q_txt = dns_query(0x2f2f, "big.example.test", 16, 0x0100, Some(&edns));
+    let q_txt_512 = dns_query(0x3f3f, "big.example.test", 16, 0x0100, Some(&small_edns));
+    let q_txt_plain = dns_query(0x4f4f, "big.example.test", 16, 0x0100, None);
+    let q_kube6 = dns_query(
+        0x5f5f,
+        "kubernetes.default.svc.cluster.local",
+        28,
+        0x0100,
+        None,
+    );
+    let mut hop = udp_to(VNET6, 53);
+    hop.hop_by_hop = true;
     vec![
         Case {
+            name: "IPv6 hit, EDNS with cookie",
+            seed: seed(VNET6.into(), &q_www, resp_a, NS / 2),
+            frame: f(VNET6.into(), &q_www),
+            dns: q_www.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "IPv6 kube view hit, AAAA",
+            seed: seed(KUBE6.into(), &q_kube6, resp_aaaa, NS / 2),
+            frame: f(KUBE6.into(), &q_kube6),
+            dns: q_kube6.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "IPv6 entry is not the IPv4 view's",
+            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            frame: f(KUBE6.into(), &q_www),
+            dns: q_www.clone(),
+            expect: Expect::Pass(STAT_MISS),
+        },
+        Case {
+            name: "IPv6 with a hop-by-hop header",
+            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            frame: hop.build(&q_www),
+            dns: vec![],
+            expect: Expect::Pass(STAT_PASS_IP),
+        },
+        Case {
+            name: "IPv6 to another address",
+            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            frame: f(CLIENT6.into(), &q_www),
+            dns: vec![],
+            expect: Expect::Pass(STAT_NOT_DNS),
+        },
+        Case {
+            name: "reply of about 1200 bytes",
+            seed: seed(VNET.into(), &q_txt, resp_txt_1200, NS / 2),
+            frame: f(VNET.into(), &q_txt),
+            dns: q_txt.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "reply of about 1200 bytes over IPv6",
+            seed: seed(VNET6.into(), &q_txt, resp_txt_1200, NS / 2),
+            frame: f(VNET6.into(), &q_txt),
+            dns: q_txt.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "1200 bytes for a client taking 512: TC=1 with OPT",
+            seed: seed(VNET.into(), &q_txt_512, resp_txt_1200, NS / 2),
+            frame: f(VNET.into(), &q_txt_512),
+            dns: q_txt_512.clone(),
+            expect: Expect::Truncated,
+        },
+        Case {
+            name: "1200 bytes for a client without EDNS: TC=1",
+            seed: seed(VNET.into(), &q_txt_plain, resp_txt_1200, NS / 2),
+            frame: f(VNET.into(), &q_txt_plain),
+            dns: q_txt_plain.clone(),
+            expect: Expect::Truncated,
+        },
+        Case {
+            name: "TC=1 over IPv6",
+            seed: seed(VNET6.into(), &q_txt_512, resp_txt_1200, NS / 2),
+            frame: f(VNET6.into(), &q_txt_512),
+            dns: q_txt_512.clone(),
+            expect: Expect::Truncated,
+        },
+        Case {
             name: "CD set: copied into the reply",
-            seed: seed(VNET, &q_cd, resp_a, NS / 2),
-            frame: f(VNET, &q_cd),
+            seed: seed(VNET.into(), &q_cd, resp_a, NS / 2),
+            frame: f(VNET.into(), &q_cd),
             dns: q_cd.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "AD from upstream, query without DO or AD: cleared",
-            seed: seed(VNET, &q_ad_plain, resp_a_ad, NS / 2),
-            frame: f(VNET, &q_ad_plain),
+            seed: seed(VNET.into(), &q_ad_plain, resp_a_ad, NS / 2),
+            frame: f(VNET.into(), &q_ad_plain),
             dns: q_ad_plain.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "AD from upstream, query with AD: kept",
-            seed: seed(VNET, &q_ad_asked, resp_a_ad, NS / 2),
-            frame: f(VNET, &q_ad_asked),
+            seed: seed(VNET.into(), &q_ad_asked, resp_a_ad, NS / 2),
+            frame: f(VNET.into(), &q_ad_asked),
             dns: q_ad_asked.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "AD from upstream, query with DO: kept",
-            seed: seed(VNET, &q_ad_do, resp_a_ad, NS / 2),
-            frame: f(VNET, &q_ad_do),
+            seed: seed(VNET.into(), &q_ad_do, resp_a_ad, NS / 2),
+            frame: f(VNET.into(), &q_ad_do),
             dns: q_ad_do.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "RD clear: stays clear",
-            seed: seed(VNET, &q_no_rd, resp_a, NS / 2),
-            frame: f(VNET, &q_no_rd),
+            seed: seed(VNET.into(), &q_no_rd, resp_a, NS / 2),
+            frame: f(VNET.into(), &q_no_rd),
             dns: q_no_rd.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "fresh A hit, EDNS with cookie",
-            seed: seed(VNET, &q_www, resp_a, NS / 2),
-            frame: f(VNET, &q_www),
+            seed: seed(VNET.into(), &q_www, resp_a, NS / 2),
+            frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "mixed-case qname keeps its case",
-            seed: seed(VNET, &q_www, resp_a, NS / 2),
-            frame: f(VNET, &q_mixed),
+            seed: seed(VNET.into(), &q_www, resp_a, NS / 2),
+            frame: f(VNET.into(), &q_mixed),
             dns: q_mixed.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "AAAA without EDNS",
-            seed: seed(VNET, &q_aaaa, resp_aaaa, NS / 2),
-            frame: f(VNET, &q_aaaa),
+            seed: seed(VNET.into(), &q_aaaa, resp_aaaa, NS / 2),
+            frame: f(VNET.into(), &q_aaaa),
             dns: q_aaaa.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "CNAME chain",
-            seed: seed(VNET, &q_cname, resp_cname, NS / 2),
-            frame: f(VNET, &q_cname),
+            seed: seed(VNET.into(), &q_cname, resp_cname, NS / 2),
+            frame: f(VNET.into(), &q_cname),
             dns: q_cname.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "NXDOMAIN with SOA",
-            seed: seed(VNET, &q_nx, resp_nxdomain, NS / 2),
-            frame: f(VNET, &q_nx),
+            seed: seed(VNET.into(), &q_nx, resp_nxdomain, NS / 2),
+            frame: f(VNET.into(), &q_nx),
             dns: q_nx.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "kube view hit",
-            seed: seed(KUBE, &q_kube, resp_a, NS / 2),
-            frame: f(KUBE, &q_kube),
+            seed: seed(KUBE.into(), &q_kube, resp_a, NS / 2),
+            frame: f(KUBE.into(), &q_kube),
             dns: q_kube.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "TTL lowered by 5 s elapsed",
-            seed: seed(VNET, &q_www, resp_a, 5 * NS + NS / 2),
-            frame: f(VNET, &q_www),
+            seed: seed(VNET.into(), &q_www, resp_a, 5 * NS + NS / 2),
+            frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "expired entry",
-            seed: seed(VNET, &q_www, resp_short, 3 * NS),
-            frame: f(VNET, &q_www),
+            seed: seed(VNET.into(), &q_www, resp_short, 3 * NS),
+            frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Pass(STAT_EXPIRED),
         },
         Case {
             name: "wrong view",
-            seed: seed(KUBE, &q_www, resp_a, 0),
-            frame: f(VNET, &q_www),
+            seed: seed(KUBE.into(), &q_www, resp_a, 0),
+            frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
         Case {
             name: "EDNS entry, query without EDNS",
-            seed: seed(VNET, &q_www, resp_a, 0),
-            frame: f(VNET, &q_www_plain),
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            frame: f(VNET.into(), &q_www_plain),
             dns: q_www_plain.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
         Case {
             name: "plain entry, query with EDNS",
-            seed: seed(VNET, &q_www_plain, resp_a, 0),
-            frame: f(VNET, &q_www),
+            seed: seed(VNET.into(), &q_www_plain, resp_a, 0),
+            frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
         Case {
-            name: "reply larger than client's 512",
-            seed: seed(VNET, &q_big, resp_big, 0),
-            frame: f(VNET, &q_big),
+            name: "reply larger than client's 512: TC=1",
+            seed: seed(VNET.into(), &q_big, resp_big, 0),
+            frame: f(VNET.into(), &q_big),
             dns: q_big.clone(),
-            expect: Expect::Pass(STAT_PASS_SIZE),
+            expect: Expect::Truncated,
         },
         Case {
             name: "same entry, client takes 4096",
-            seed: seed(VNET, &q_big_large, resp_big, 0),
-            frame: f(VNET, &q_big_large),
+            seed: seed(VNET.into(), &q_big_large, resp_big, 0),
+            frame: f(VNET.into(), &q_big_large),
             dns: q_big_large.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "not a listener address",
-            seed: seed(VNET, &q_www, resp_a, 0),
-            frame: f(CLIENT, &q_www),
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            frame: f(CLIENT.into(), &q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_NOT_DNS),
         },
@@ -473,21 +595,21 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "VLAN-tagged frame",
-            seed: seed(VNET, &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
             frame: vlan.build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_NOT_DNS),
         },
         Case {
             name: "IPv4 options",
-            seed: seed(VNET, &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
             frame: opts.build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
         },
         Case {
             name: "fragment",
-            seed: seed(VNET, &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
             frame: frag.build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
@@ -502,56 +624,63 @@ fn cases() -> Vec<Case> {
         Case {
             name: "garbage payload",
             seed: None,
-            frame: f(VNET, &[0xff; 40]),
+            frame: f(VNET.into(), &[0xff; 40]),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_HEADER),
         },
         Case {
             name: "oversized query",
             seed: None,
-            frame: f(VNET, &oversized),
+            frame: f(VNET.into(), &oversized),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_HEADER),
         },
         Case {
             name: "compression pointer in question",
             seed: None,
-            frame: f(VNET, &q_compressed),
+            frame: f(VNET.into(), &q_compressed),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_QNAME),
         },
         Case {
             name: "QR=1 (a response)",
-            seed: seed(VNET, &q_www_plain, resp_a, 0),
-            frame: f(VNET, &q_qr),
+            seed: seed(VNET.into(), &q_www_plain, resp_a, 0),
+            frame: f(VNET.into(), &q_qr),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_HEADER),
         },
         Case {
             name: "ANCOUNT=1",
             seed: None,
-            frame: f(VNET, &q_an),
+            frame: f(VNET.into(), &q_an),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_HEADER),
         },
         Case {
             name: "EDNS version 1",
-            seed: seed(VNET, &q_www, resp_a, 0),
-            frame: f(VNET, &q_ednsv1),
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            frame: f(VNET.into(), &q_ednsv1),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_EDNS),
         },
         Case {
             name: "trailing bytes",
-            seed: seed(VNET, &q_www_plain, resp_a, 0),
-            frame: f(VNET, &q_trailing),
+            seed: seed(VNET.into(), &q_www_plain, resp_a, 0),
+            frame: f(VNET.into(), &q_trailing),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_HEADER),
         },
         Case {
+            name: "more option bytes than an undo can save",
+            seed: seed(VNET.into(), &q_padded, resp_a, 0),
+            frame: f(VNET.into(), &q_padded),
+            dns: vec![],
+            expect: Expect::Pass(localdns_common::STAT_PASS_SIZE),
+        },
+        Case {
             name: "empty cache",
             seed: None,
-            frame: f(VNET, &q_www),
+            frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
@@ -576,9 +705,14 @@ fn run_table(prog: &str, hit_rc: u32, pass_rc: u32) {
             .map(|i| STAT_NAMES[i])
             .collect();
         match c.expect {
-            Expect::Hit => {
+            Expect::Hit | Expect::Truncated => {
                 let want = expected_reply(&c.frame, &c.dns, entry.as_ref().unwrap(), now);
-                if rc != hit_rc || out != want || bumped != [STAT_NAMES[STAT_HIT as usize]] {
+                let stat = if matches!(c.expect, Expect::Hit) {
+                    STAT_HIT
+                } else {
+                    localdns_common::STAT_TRUNCATED
+                };
+                if rc != hit_rc || out != want || bumped != [STAT_NAMES[stat as usize]] {
                     failures.push(format!(
                         "{}: rc {rc} counters {bumped:?}\n got  {out:02x?}\n want {want:02x?}",
                         c.name
@@ -629,7 +763,7 @@ fn logged_entries_emit_an_event_per_hit() {
     let pq = parse_query(&q).unwrap();
     let key = Key::of(localdns_common::VIEW_KUBE, &pq);
     let e = Entry::from_upstream(&pq, &resp_a(&q), 3600, 0, mono_ns()).unwrap();
-    let mut v = encode::value(&e, &key).unwrap();
+    let mut v = encode::value(&e).unwrap();
     // Not logged: no event.
     rig.cache.insert(encode::key(&key, SEED), v, 0).unwrap();
     let frame = udp_to(KUBE, 53).build(&q);
@@ -644,7 +778,7 @@ fn logged_entries_emit_an_event_per_hit() {
     assert_eq!(item.len(), std::mem::size_of::<localdns_common::LogEvent>());
     // SAFETY: the program writes exactly one LogEvent per record.
     let ev: localdns_common::LogEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-    assert_eq!(ev.saddr_ne, u32::from_ne_bytes(CLIENT.octets()));
+    assert_eq!((ev.family, &ev.addr[..4]), (4, &CLIENT.octets()[..]));
     assert_eq!(
         (ev.sport, ev.id, ev.qtype, ev.qclass),
         (40000, 0xbeef, 1, 1)
@@ -669,12 +803,7 @@ fn logged_entries_emit_an_event_per_hit() {
 /// UDP checksum still valid.
 #[test]
 fn null_responder_turns_queries_around() {
-    let g = Globals {
-        vnet: VNET,
-        kube: KUBE,
-        seed: SEED,
-        fault: 0,
-    };
+    let g = globals(0);
     let mut ebpf = fastpath::open(&g, 16, None).unwrap();
     let p: &mut Xdp = ebpf
         .program_mut("localdns_null")
@@ -721,17 +850,12 @@ fn collision_on_hash_passes() {
     let mut rig = Rig::new();
     let q = dns_query(1, "www.example.test", 1, 0x0100, None);
     let other = dns_query(1, "www.exbmple.test", 1, 0x0100, None);
-    let e = rig.seed(VNET, &other, &resp_a(&other), 0);
+    let e = rig.seed(VNET.into(), &other, &resp_a(&other), 0);
     // Plant the other name's value under this name's key, as a 64-bit hash
     // collision would.
     let key = Key::of(localdns_common::VIEW_VNET, &parse_query(&q).unwrap());
-    let okey = Key::of(localdns_common::VIEW_VNET, &parse_query(&other).unwrap());
     rig.cache
-        .insert(
-            encode::key(&key, SEED),
-            encode::value(&e, &okey).unwrap(),
-            0,
-        )
+        .insert(encode::key(&key, SEED), encode::value(&e).unwrap(), 0)
         .unwrap();
     let before = rig.stat(STAT_PASS_COLLISION);
     let frame = udp_to(VNET, 53).build(&q);
@@ -753,7 +877,7 @@ fn hit_cost_report() {
         options: cookie(),
     };
     let q = dns_query(7, "www.example.test", 1, 0x0100, Some(&edns));
-    rig.seed(VNET, &q, &resp_a(&q), 0);
+    rig.seed(VNET.into(), &q, &resp_a(&q), 0);
     let frame = udp_to(VNET, 53).build(&q);
     let p: &Xdp = rig
         .ebpf
@@ -805,8 +929,8 @@ fn fault_rows_drop_after_the_first_write() {
         do_bit: false,
         options: cookie(),
     };
-    let mut padding = vec![0, 12, 1, 44]; // PADDING, 300 bytes
-    padding.extend(vec![0u8; 300]);
+    let mut padding = vec![0, 12, 0, 100]; // PADDING, 100 bytes
+    padding.extend(vec![0u8; 100]);
     let padded = QEdns {
         udp_size: 1232,
         do_bit: false,
@@ -839,7 +963,7 @@ fn fault_rows_drop_after_the_first_write() {
         {
             for (what, q) in &queries {
                 rig.clear();
-                rig.seed(VNET, q, &resp_a(q), NS / 2);
+                rig.seed(VNET.into(), q, &resp_a(q), NS / 2);
                 let frame = udp_to(VNET, 53).build(q);
                 let before = rig.stat(expect);
                 let (rc, out) = rig.run(prog, &frame);
@@ -899,8 +1023,8 @@ fn torn_reads_are_never_sent() {
         let value = |q: &[u8], r: &[u8], generation: u64| {
             let pq = parse_query(q).unwrap();
             let e = Entry::from_upstream(&pq, r, 3600, 0, mono_ns()).unwrap();
-            let key = Key::of(view_of(VNET), &pq);
-            let mut v = encode::value(&e, &key).unwrap();
+            let key = Key::of(view_of(VNET.into()), &pq);
+            let mut v = encode::value(&e).unwrap();
             v.generation = generation;
             (encode::key(&key, SEED), v)
         };
@@ -1077,6 +1201,8 @@ fn helpers_are_those_of_linux_5_15() {
 /// The verifier's work per program stays far from its limit (1M processed
 /// instructions on every kernel since 5.2): a loop that stops being
 /// prunable shows up here first, not as a load failure on some node.
+/// Measured: about 77k on 6.18 and 156k on 6.1 (older verifiers prune
+/// less); the guard is a quarter of the limit.
 #[test]
 fn verifier_cost_stays_small() {
     let rig = Rig::new();
@@ -1085,7 +1211,7 @@ fn verifier_cost_stays_small() {
         let info = rig.ebpf.program(name).unwrap().info().unwrap();
         let n = info.verified_instruction_count().unwrap_or(0);
         counts.push(format!("{name} {n}"));
-        assert!(n > 0 && n < 150_000, "{name}: {n} instructions verified");
+        assert!(n > 0 && n < 250_000, "{name}: {n} instructions verified");
     }
     println!("verified instructions: {}", counts.join(", "));
 }

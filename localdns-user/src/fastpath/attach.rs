@@ -14,13 +14,16 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
 use aya::util::KernelVersion;
 
 use super::pins::{LinkKind, PinDir};
-use super::{AttachMode, FastpathError, TC_PROG, XDP_PROG};
+use super::{AttachMode, FastpathError, TC_PROG, TC_ROOM_PROG, XDP_PROG};
 use crate::ifaces::Iface;
 
 /// Priority and handle of the TC filter on kernels without TCX (< 6.6),
 /// where filters cannot be pinned: fixed, so a later instance finds it.
 const NL_PRIORITY: u16 = 0x1d5;
 const NL_HANDLE: u16 = 0x1d5;
+/// The same for the XDP modes' TC companion.
+const NL_ROOM_PRIORITY: u16 = 0x1d6;
+const NL_ROOM_HANDLE: u16 = 0x1d6;
 
 /// How the program runs on one interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +39,14 @@ impl How {
             How::Link(k) => k.mode_name(),
             How::NetlinkTc => "tc (netlink)",
         }
+    }
+
+    /// XDP, which gets a TC companion for replies it has no room to build.
+    fn is_xdp(self) -> bool {
+        matches!(
+            self,
+            How::Link(LinkKind::XdpGeneric) | How::Link(LinkKind::XdpNative)
+        )
     }
 }
 
@@ -185,12 +196,59 @@ impl Attacher {
             Some(r) => r,
             None => (self.attach_new(iface, how)?, false),
         };
+        let mut keep = vec![result.0];
+        if result.0.is_xdp() {
+            match self.companion(iface, &existing) {
+                Ok(()) => keep.push(How::Link(LinkKind::TcRoom)),
+                Err(e) => tracing::warn!(iface = %iface.name, error = %e,
+                    "no TC companion: replies too large for XDP's room go to the daemon"),
+            }
+        }
         for p in existing {
-            if How::Link(p.kind) != result.0 {
+            if !keep.contains(&How::Link(p.kind)) {
                 let _ = std::fs::remove_file(&p.path);
             }
         }
         Ok(result)
+    }
+
+    /// The TC companion next to an XDP link: its pinned link updated, or a
+    /// new one (a fixed netlink filter before TCX).
+    fn companion(
+        &mut self,
+        iface: &Iface,
+        existing: &[super::pins::LinkPin],
+    ) -> Result<(), FastpathError> {
+        if let Some(p) = existing.iter().find(|p| p.kind == LinkKind::TcRoom) {
+            if self.update(LinkKind::TcRoom, &p.path).is_ok() {
+                return Ok(());
+            }
+            let _ = std::fs::remove_file(&p.path);
+        }
+        let err = |source: ProgramError| FastpathError::Attach {
+            iface: iface.name.clone(),
+            mode: "tc companion",
+            source: Box::new(source),
+        };
+        let _ = tc::qdisc_add_clsact(&iface.name);
+        let tcx = self.tcx;
+        let p = self.classifier(TC_ROOM_PROG)?;
+        if tcx {
+            let id = p
+                .attach_with_options(
+                    &iface.name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(err)?;
+            let link = p.take_link(id).map_err(err)?;
+            self.pin(link.try_into(), LinkKind::TcRoom, iface)
+        } else {
+            let id =
+                netlink_filter(p, &iface.name, NL_ROOM_PRIORITY, NL_ROOM_HANDLE).map_err(err)?;
+            std::mem::forget(p.take_link(id).map_err(err)?);
+            Ok(())
+        }
     }
 
     /// Replaces the program on a pinned link (bpf_link_update).
@@ -208,8 +266,13 @@ impl Attacher {
             error: e.to_string(),
         };
         match kind {
-            LinkKind::Tcx => {
-                let p = self.tc()?;
+            LinkKind::Tcx | LinkKind::TcRoom => {
+                let prog = if kind == LinkKind::Tcx {
+                    TC_PROG
+                } else {
+                    TC_ROOM_PROG
+                };
+                let p = self.classifier(prog)?;
                 let id = p
                     .attach_to_link(SchedClassifierLink::try_from(link).map_err(lerr)?)
                     .map_err(err)?;
@@ -237,7 +300,7 @@ impl Attacher {
             How::Link(LinkKind::Tcx) => {
                 // Harmless where clsact exists already or TCX needs none.
                 let _ = tc::qdisc_add_clsact(&iface.name);
-                let p = self.tc()?;
+                let p = self.classifier(TC_PROG)?;
                 let id = p
                     .attach_with_options(
                         &iface.name,
@@ -251,31 +314,9 @@ impl Attacher {
             }
             How::NetlinkTc => {
                 let _ = tc::qdisc_add_clsact(&iface.name);
-                let p = self.tc()?;
-                // Replace our filter if an earlier instance left one.
-                let replaced = SchedClassifierLink::attached(
-                    &iface.name,
-                    TcAttachType::Ingress,
-                    NL_PRIORITY,
-                    TcHandle::new(0, NL_HANDLE),
-                    None,
-                )
-                .ok()
-                .and_then(|l| p.attach_to_link(l).ok());
-                let id = match replaced {
-                    Some(id) => id,
-                    None => p
-                        .attach_with_options(
-                            &iface.name,
-                            TcAttachType::Ingress,
-                            TcAttachOptions::Netlink(NlOptions {
-                                priority: NL_PRIORITY,
-                                handle: TcHandle::new(0, NL_HANDLE),
-                                classid: None,
-                            }),
-                        )
-                        .map_err(|e| attach_err("tc", e))?,
-                };
+                let p = self.classifier(TC_PROG)?;
+                let id = netlink_filter(p, &iface.name, NL_PRIORITY, NL_HANDLE)
+                    .map_err(|e| attach_err("tc", e))?;
                 // A netlink filter outlives the process by itself; forget
                 // the handle so dropping the program does not remove it.
                 std::mem::forget(p.take_link(id).map_err(|e| attach_err("tc", e))?);
@@ -337,8 +378,10 @@ impl Attacher {
                 let _ = std::fs::remove_file(&p.path);
             }
         }
-        if a.how == How::NetlinkTc {
-            let _ = tc::qdisc_detach_program(&a.name, TcAttachType::Ingress, TC_PROG);
+        if !self.tcx {
+            for prog in [TC_PROG, TC_ROOM_PROG] {
+                let _ = tc::qdisc_detach_program(&a.name, TcAttachType::Ingress, prog);
+            }
         }
     }
 
@@ -349,11 +392,42 @@ impl Attacher {
             .ok_or(FastpathError::Missing(XDP_PROG))
     }
 
-    fn tc(&mut self) -> Result<&mut SchedClassifier, FastpathError> {
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, FastpathError> {
         self.ebpf
-            .program_mut(TC_PROG)
+            .program_mut(name)
             .and_then(|p| p.try_into().ok())
-            .ok_or(FastpathError::Missing(TC_PROG))
+            .ok_or(FastpathError::Missing(name))
+    }
+}
+
+/// A TC filter through netlink at a fixed priority and handle: replaces
+/// the one an earlier instance left there, or adds it.
+fn netlink_filter(
+    p: &mut SchedClassifier,
+    iface: &str,
+    priority: u16,
+    handle: u16,
+) -> Result<aya::programs::tc::SchedClassifierLinkId, ProgramError> {
+    let replaced = SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Ingress,
+        priority,
+        TcHandle::new(0, handle),
+        None,
+    )
+    .ok()
+    .and_then(|l| p.attach_to_link(l).ok());
+    match replaced {
+        Some(id) => Ok(id),
+        None => p.attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions {
+                priority,
+                handle: TcHandle::new(0, handle),
+                classid: None,
+            }),
+        ),
     }
 }
 
@@ -363,10 +437,14 @@ pub fn detach_netlink_tc(ifaces: &[Iface]) -> usize {
     if has_tcx() {
         return 0;
     }
-    ifaces
-        .iter()
-        .filter(|i| tc::qdisc_detach_program(&i.name, TcAttachType::Ingress, TC_PROG).is_ok())
-        .count()
+    let mut n = 0;
+    for i in ifaces {
+        for prog in [TC_PROG, TC_ROOM_PROG] {
+            n +=
+                usize::from(tc::qdisc_detach_program(&i.name, TcAttachType::Ingress, prog).is_ok());
+        }
+    }
+    n
 }
 
 /// TCX (pinnable TC links) arrived in Linux 6.6.

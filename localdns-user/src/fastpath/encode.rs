@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use localdns_common::{
-    CacheKey, CacheValue, DATA_LEN, KEY_F_EDNS, MAX_QNAME, MAX_TAIL, MAX_TTLS, PLAIN_UDP_MAX,
-    csum_fold, name_span, qname_hash,
+    CacheKey, CacheValue, DATA_LEN, MAX_QNAME, MAX_REPLY, MAX_TAIL, MAX_TTLS, csum_fold, name_span,
+    qname_hash,
 };
 use thiserror::Error;
 
@@ -38,9 +38,9 @@ pub fn key(key: &Key, seed: u64) -> CacheKey {
     }
 }
 
-/// The kernel's value for `entry` (cached under `key`), generation 0: the
+/// The kernel's value for `entry`, generation 0: the
 /// writer stamps it with [`Generations::next`].
-pub fn value(entry: &Entry, key: &Key) -> Result<CacheValue, EncodeError> {
+pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
     if entry.tail.len() < 8 || entry.tail.len() > MAX_TAIL {
         return Err(not("reply too large for the kernel"));
     }
@@ -52,8 +52,10 @@ pub fn value(entry: &Entry, key: &Key) -> Result<CacheValue, EncodeError> {
         return Err(not("name too long"));
     }
     let reply_len = HEADER_LEN + qlen + 4 + entry.tail.len();
-    if key.flags & KEY_F_EDNS == 0 && reply_len > PLAIN_UDP_MAX as usize {
-        return Err(not("reply over 512 bytes without EDNS"));
+    // Larger than a client takes is fine: the kernel answers TC=1 then,
+    // as the daemon does.
+    if reply_len > MAX_REPLY {
+        return Err(not("reply over 1232 bytes"));
     }
     let mut v = CacheValue::zeroed();
     v.insert_ns = entry.insert_ns;
@@ -140,7 +142,7 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
         rcode: (flags & 0xf) as u8,
     };
     // Only what this daemon would have written itself.
-    (value(&entry, &key).ok()?.csum_partial == v.csum_partial).then_some((key, entry))
+    (value(&entry).ok()?.csum_partial == v.csum_partial).then_some((key, entry))
 }
 
 /// One's-complement sum (unfolded) of `b` as native-loaded 16-bit words.
@@ -201,8 +203,8 @@ mod tests {
         for name in ["a.test", "ab.test", "Mixed.Case.example"] {
             let raw = query(name, 1, Some((1232, true)));
             let q = parse_query(&raw).unwrap();
-            let (k, e) = entry(name, true);
-            let v = value(&e, &k).unwrap();
+            let (_, e) = entry(name, true);
+            let v = value(&e).unwrap();
             let out = e.render(&raw, &q, 0, 4096).unwrap();
             let mut z = out.clone();
             z[0..4].fill(0);
@@ -219,7 +221,7 @@ mod tests {
     #[test]
     fn decode_inverts_encode_and_refuses_foreign_values() {
         let (k, e) = entry("www.example.test", true);
-        let v = value(&e, &k).unwrap();
+        let v = value(&e).unwrap();
         let (k2, e2) = decode(&key(&k, 42), &v, 42).unwrap();
         assert_eq!(k2, k);
         assert_eq!(
@@ -239,13 +241,13 @@ mod tests {
     }
 
     #[test]
-    fn too_big_or_plain_over_512_stays_in_userspace() {
+    fn over_1232_stays_in_userspace() {
         let raw = query("a.test", 1, None);
         let q = parse_query(&raw).unwrap();
-        let recs: Vec<_> = (0..40).map(|i| (60, [10, 0, 0, i as u8])).collect();
+        let recs: Vec<_> = (0..80).map(|i| (60, [10, 0, 0, i as u8])).collect();
         let resp = crate::cache::tests::reply_a(&raw, &recs);
         let e = Entry::from_upstream(&q, &resp, 3600, 0, 0).unwrap();
-        assert!(value(&e, &Key::of(0, &q)).is_err());
+        assert!(value(&e).is_err());
     }
 
     #[test]

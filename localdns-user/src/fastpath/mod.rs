@@ -13,7 +13,7 @@ pub mod attach;
 pub mod encode;
 pub mod pins;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -21,9 +21,9 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
-    CacheKey, CacheValue, GLOBAL_FAULT, GLOBAL_HASH_SEED, GLOBAL_LISTEN_KUBE, GLOBAL_LISTEN_VNET,
-    LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_LOG, MAP_META, MAP_STATS, META_MAGIC, Meta,
-    STAT_COUNT, STAT_NAMES,
+    CacheKey, CacheValue, GLOBAL_FAULT, GLOBAL_HASH_SEED, GLOBAL_LISTEN4, GLOBAL_LISTEN6,
+    GLOBAL_VIEW4, GLOBAL_VIEW6, LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_LOG, MAP_META, MAP_STATS,
+    MAX_LISTEN, META_MAGIC, Meta, STAT_COUNT, STAT_NAMES,
 };
 use thiserror::Error;
 
@@ -37,6 +37,8 @@ use pins::{PINNED_MAPS, PinDir};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/localdns"));
 pub const XDP_PROG: &str = "localdns_xdp";
 pub const TC_PROG: &str = "localdns_tc";
+/// The TC companion of the XDP modes: answers what XDP had no room for.
+pub const TC_ROOM_PROG: &str = "localdns_tc_room";
 
 #[derive(Debug, Error)]
 pub enum FastpathError {
@@ -75,6 +77,8 @@ pub enum FastpathError {
     },
     #[error("no program or map {0} in the object")]
     Missing(&'static str),
+    #[error("at most {MAX_LISTEN} listener addresses per family, got {0}")]
+    TooManyListeners(usize),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> FastpathError {
@@ -101,10 +105,10 @@ pub enum AttachMode {
 }
 
 /// Load-time constants of the program.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Globals {
-    pub vnet: Ipv4Addr,
-    pub kube: Ipv4Addr,
+    /// Listener addresses (either family) and their views.
+    pub listen: Vec<(IpAddr, u8)>,
     pub seed: u64,
     /// Test-only fault injection ([`localdns_common::GLOBAL_FAULT`]).
     pub fault: u32,
@@ -114,12 +118,37 @@ pub struct Globals {
 /// the shared maps taken from (or created at) their pin paths. Programs
 /// are not yet loaded into the kernel.
 pub fn open(g: &Globals, entries: u32, pins: Option<&PinDir>) -> Result<Ebpf, FastpathError> {
-    let vnet_ne = u32::from_ne_bytes(g.vnet.octets());
-    let kube_ne = u32::from_ne_bytes(g.kube.octets());
+    let (mut v4, mut view4) = ([0u32; MAX_LISTEN], [0u8; MAX_LISTEN]);
+    let (mut v6, mut view6) = ([0u64; 2 * MAX_LISTEN], [0u8; MAX_LISTEN]);
+    let (mut n4, mut n6) = (0, 0);
+    for (ip, view) in &g.listen {
+        match ip {
+            IpAddr::V4(a) => {
+                if n4 == MAX_LISTEN {
+                    return Err(FastpathError::TooManyListeners(n4 + 1));
+                }
+                v4[n4] = u32::from_ne_bytes(a.octets());
+                view4[n4] = *view;
+                n4 += 1;
+            }
+            IpAddr::V6(a) => {
+                if n6 == MAX_LISTEN {
+                    return Err(FastpathError::TooManyListeners(n6 + 1));
+                }
+                let o = a.octets();
+                v6[2 * n6] = u64::from_ne_bytes(o[..8].try_into().expect("8 bytes"));
+                v6[2 * n6 + 1] = u64::from_ne_bytes(o[8..].try_into().expect("8 bytes"));
+                view6[n6] = *view;
+                n6 += 1;
+            }
+        }
+    }
     let mut loader = EbpfLoader::new();
     loader
-        .override_global(GLOBAL_LISTEN_VNET, &vnet_ne, true)
-        .override_global(GLOBAL_LISTEN_KUBE, &kube_ne, true)
+        .override_global(GLOBAL_LISTEN4, &v4, true)
+        .override_global(GLOBAL_VIEW4, &view4, true)
+        .override_global(GLOBAL_LISTEN6, &v6, true)
+        .override_global(GLOBAL_VIEW6, &view6, true)
         .override_global(GLOBAL_HASH_SEED, &g.seed, true)
         .override_global(GLOBAL_FAULT, &g.fault, true)
         .map_max_entries(MAP_CACHE, entries);
@@ -159,12 +188,20 @@ pub fn load_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, FastpathError> {
 
 /// Loads (verifies) the TC program and returns it.
 pub fn load_tc(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, FastpathError> {
+    load_classifier(ebpf, TC_PROG)
+}
+
+/// Loads (verifies) a TC program (`TC_PROG` or `TC_ROOM_PROG`).
+pub fn load_classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, FastpathError> {
     let p: &mut SchedClassifier = ebpf
-        .program_mut(TC_PROG)
-        .ok_or(FastpathError::Missing(TC_PROG))?
+        .program_mut(name)
+        .ok_or(FastpathError::Missing(name))?
         .try_into()
-        .map_err(|e| verifier(TC_PROG, e))?;
-    p.load().map_err(|e| verifier(TC_PROG, e))?;
+        .map_err(|e| verifier(name, e))?;
+    p.load().map_err(|e| verifier(name, e))?;
     Ok(p)
 }
 
@@ -180,8 +217,8 @@ pub enum Origin {
 /// What `--fastpath` asks for.
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub vnet: Ipv4Addr,
-    pub kube: Ipv4Addr,
+    /// Listener addresses (either family) and their views.
+    pub listen: Vec<(IpAddr, u8)>,
     pub pin_dir: PathBuf,
     pub entries: u32,
     pub mode: AttachMode,
@@ -220,27 +257,36 @@ impl Fastpath {
             }
         };
         let g = Globals {
-            vnet: o.vnet,
-            kube: o.kube,
+            listen: o.listen.clone(),
             seed,
             fault: 0,
         };
         let mut ebpf = open(&g, o.entries, Some(&pins))?;
-        let tc = o.mode == AttachMode::Tc;
-        let prog_pin = pins.program(tc);
-        let _ = std::fs::remove_file(&prog_pin);
-        let pinned = if tc {
-            load_tc(&mut ebpf)?.pin(&prog_pin)
+        // TC mode runs the TC program; the XDP modes run the XDP program
+        // and its TC companion (for replies XDP has no room to build).
+        let progs: &[&'static str] = if o.mode == AttachMode::Tc {
+            &[TC_PROG]
         } else {
-            load_xdp(&mut ebpf)?.pin(&prog_pin)
+            &[XDP_PROG, TC_ROOM_PROG]
         };
-        pinned.map_err(|e| FastpathError::Pin {
-            path: prog_pin.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        // The other program of an earlier instance (mode switched) stays
-        // pinned only while its links exist; they go on reconcile.
-        let _ = std::fs::remove_file(pins.program(!tc));
+        for name in [XDP_PROG, TC_PROG, TC_ROOM_PROG] {
+            let path = pins.program(name);
+            let _ = std::fs::remove_file(&path);
+            if !progs.contains(&name) {
+                // Pinned by an earlier instance in another mode: its links
+                // keep it until reconcile replaces them.
+                continue;
+            }
+            let pinned = if name == XDP_PROG {
+                load_xdp(&mut ebpf)?.pin(&path)
+            } else {
+                load_classifier(&mut ebpf, name)?.pin(&path)
+            };
+            pinned.map_err(|e| FastpathError::Pin {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(FastpathError::Missing(name))
         };
@@ -308,7 +354,7 @@ impl Fastpath {
     pub fn put(&self, key: &Key, entry: &Entry, log: bool) {
         let bkey = encode::key(key, self.seed);
         let mut map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match encode::value(entry, key) {
+        match encode::value(entry) {
             Ok(mut v) => {
                 v.log = u8::from(log);
                 v.generation = self.generations.next();

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! <pin-path>/LDNS_CACHE LDNS_STATS LDNS_META   maps (kept across restarts)
-//! <pin-path>/prog_xdp | prog_tc                the program the links run
-//! <pin-path>/links/<kind>_<ifindex>_<ifname>   one bpf_link per interface
-//!         kind: xdpg (generic XDP), xdpd (native XDP), tcx (TC, kernel >= 6.6)
+//! <pin-path>/prog_localdns_xdp, prog_localdns_tc, prog_localdns_tc_room
+//!                                              the programs the links run
+//! <pin-path>/links/<kind>_<ifindex>_<ifname>   the bpf_links of an interface
+//!         kind: xdpg (generic XDP), xdpd (native XDP), tcx (TC, kernel >= 6.6),
+//!               tcr (the XDP modes' TC companion, kernel >= 6.6)
 //! ```
 //!
 //! A starting daemon reuses the maps when `LDNS_META` says they have this
@@ -29,6 +31,8 @@ pub enum LinkKind {
     XdpGeneric,
     XdpNative,
     Tcx,
+    /// The TC companion next to an XDP link.
+    TcRoom,
 }
 
 impl LinkKind {
@@ -37,6 +41,7 @@ impl LinkKind {
             LinkKind::XdpGeneric => "xdpg",
             LinkKind::XdpNative => "xdpd",
             LinkKind::Tcx => "tcx",
+            LinkKind::TcRoom => "tcr",
         }
     }
 
@@ -46,13 +51,19 @@ impl LinkKind {
             LinkKind::XdpGeneric => "xdp-generic",
             LinkKind::XdpNative => "xdp",
             LinkKind::Tcx => "tc",
+            LinkKind::TcRoom => "tc companion",
         }
     }
 
     fn from_tag(t: &str) -> Option<Self> {
-        [LinkKind::XdpGeneric, LinkKind::XdpNative, LinkKind::Tcx]
-            .into_iter()
-            .find(|k| k.tag() == t)
+        [
+            LinkKind::XdpGeneric,
+            LinkKind::XdpNative,
+            LinkKind::Tcx,
+            LinkKind::TcRoom,
+        ]
+        .into_iter()
+        .find(|k| k.tag() == t)
     }
 }
 
@@ -81,8 +92,9 @@ impl PinDir {
         self.root.join(name)
     }
 
-    pub fn program(&self, tc: bool) -> PathBuf {
-        self.root.join(if tc { "prog_tc" } else { "prog_xdp" })
+    /// Where program `name` (`localdns_xdp`, ...) is pinned.
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.root.join(format!("prog_{name}"))
     }
 
     pub fn links(&self) -> PathBuf {
@@ -203,8 +215,8 @@ impl PinDir {
             n += usize::from(std::fs::remove_file(e.path()).is_ok());
         }
         let _ = std::fs::remove_dir(self.links());
-        for p in [self.program(false), self.program(true)] {
-            n += usize::from(std::fs::remove_file(p).is_ok());
+        for p in [super::XDP_PROG, super::TC_PROG, super::TC_ROOM_PROG] {
+            n += usize::from(std::fs::remove_file(self.program(p)).is_ok());
         }
         for m in PINNED_MAPS {
             n += usize::from(std::fs::remove_file(self.map(m)).is_ok());

@@ -855,8 +855,13 @@ fn prog_test_run_ns() -> Value {
     );
     let seed = 42;
     let g = localdns_user::fastpath::Globals {
-        vnet,
-        kube: std::net::Ipv4Addr::new(169, 254, 10, 11),
+        listen: vec![
+            (vnet.into(), localdns_common::VIEW_VNET),
+            (
+                std::net::Ipv4Addr::new(169, 254, 10, 11).into(),
+                localdns_common::VIEW_KUBE,
+            ),
+        ],
         seed,
         fault: 0,
     };
@@ -885,7 +890,7 @@ fn prog_test_run_ns() -> Value {
     cache
         .insert(
             localdns_user::fastpath::encode::key(&key, seed),
-            localdns_user::fastpath::encode::value(&e, &key).unwrap(),
+            localdns_user::fastpath::encode::value(&e).unwrap(),
             0,
         )
         .unwrap();

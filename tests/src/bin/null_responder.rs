@@ -13,8 +13,16 @@ fn main() {
         .nth(1)
         .expect("usage: null_responder IFACE");
     let g = fastpath::Globals {
-        vnet: Ipv4Addr::new(169, 254, 10, 10),
-        kube: Ipv4Addr::new(169, 254, 10, 11),
+        listen: vec![
+            (
+                Ipv4Addr::new(169, 254, 10, 10).into(),
+                localdns_common::VIEW_VNET,
+            ),
+            (
+                Ipv4Addr::new(169, 254, 10, 11).into(),
+                localdns_common::VIEW_KUBE,
+            ),
+        ],
         seed: 0,
         fault: 0,
     };
