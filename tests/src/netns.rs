@@ -77,11 +77,22 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Files `ip netns exec` mounts over /etc for this namespace's
+    /// processes (`resolv.conf`, `hosts`): /etc/netns/<name>/<file>.
+    pub fn set_etc(&self, file: &str, text: &str) {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/<name>");
+        std::fs::write(dir.join(file), text).expect("netns etc file");
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }
 

@@ -3,7 +3,7 @@
 //! the test zones. Everything is torn down on drop (fields drop in order:
 //! processes first, then namespaces, then files).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,6 +13,11 @@ pub const VNET: &str = "169.254.10.10";
 pub const KUBE: &str = "169.254.10.11";
 pub const POD_IP: &str = "169.254.100.2";
 pub const UPSTREAM_IP: &str = "169.254.200.2";
+/// IPv6 listener addresses (DESIGN §7: `fd00::/8` inside test namespaces).
+pub const VNET6: &str = "fd00:10::10";
+pub const KUBE6: &str = "fd00:10::11";
+pub const POD_IP6: &str = "fd00:100::2";
+pub const UPSTREAM_IP6: &str = "fd00:200::2";
 
 const EXAMPLE_ZONE: &str = "$ORIGIN example.test.
 $TTL 300
@@ -24,6 +29,22 @@ www IN AAAA 2001:db8::10
 alias IN CNAME www
 *.fresh IN A 192.0.2.77
 ";
+
+/// Records of example.test that make large answers: `mid` (~520 bytes, more
+/// than a 512-byte client takes) and `big` (~1000 bytes of TXT, ~1150 with
+/// its RRSIG: under 1232).
+fn large_records() -> String {
+    let s = |c: char, n: usize| std::iter::repeat_n(c, n).collect::<String>();
+    format!(
+        "mid IN TXT \"{}\" \"{}\"\nbig IN TXT \"{}\" \"{}\" \"{}\" \"{}\"\n",
+        s('m', 250),
+        s('n', 250),
+        s('a', 240),
+        s('b', 240),
+        s('c', 240),
+        s('d', 240)
+    )
+}
 
 const CLUSTER_ZONE: &str = "$ORIGIN cluster.local.
 $TTL 30
@@ -68,6 +89,17 @@ impl Topo {
         reason = "building a topology has side effects; Default would hide them"
     )]
     pub fn new() -> Topo {
+        Topo::build(false)
+    }
+
+    /// Like [`Topo::new`] with example.test DNSSEC-signed (ECDSA P-256,
+    /// NSEC) by `ldns-signzone`, and NSD giving minimal responses, so an
+    /// answer has the same records whatever the asker's buffer size.
+    pub fn signed() -> Topo {
+        Topo::build(true)
+    }
+
+    fn build(signed: bool) -> Topo {
         assert!(
             crate::is_root(),
             "network namespace tests need root (CI runs as root)"
@@ -80,6 +112,8 @@ impl Topo {
         let upstream = Netns::new(format!("{tag}-up"));
         join(&node, "vpod0", &pod, "169.254.100", 30);
         join(&node, "vup0", &upstream, "169.254.200", 24);
+        join6(&node, "vpod0", &pod, "fd00:100");
+        join6(&node, "vup0", &upstream, "fd00:200");
         let mut t = Topo {
             daemon: None,
             nsd: None,
@@ -90,33 +124,44 @@ impl Topo {
             dir,
             tag,
         };
-        t.start_nsd();
+        t.start_nsd(signed);
         t
     }
 
-    fn start_nsd(&mut self) {
+    fn start_nsd(&mut self, signed: bool) {
+        let mut example = format!("{EXAMPLE_ZONE}{}", large_records());
+        if signed {
+            example = sign_zone(&self.dir.path, "example.test", &example);
+        }
         let zones = [
-            ("example.test", EXAMPLE_ZONE),
+            ("example.test", example.as_str()),
             ("cluster.local", CLUSTER_ZONE),
         ];
         // RRL off: Debian's default limits similar answers (one wildcard)
         // to ~200/s per client network, which load tests exceed.
-        let tuning = "  server-count: 1\n  tcp-count: 256\n  rrl-ratelimit: 0\n";
+        let mut tuning = format!(
+            "  ip-address: {UPSTREAM_IP6}\n  server-count: 1\n  tcp-count: 256\n  rrl-ratelimit: 0\n"
+        );
+        if signed {
+            tuning.push_str("  minimal-responses: yes\n");
+        }
         self.nsd = Some(start_nsd(
             &self.upstream,
             &self.dir.path,
             UPSTREAM_IP,
             &zones,
-            tuning,
+            &tuning,
             "www.example.test",
         ));
     }
 
     /// A pod created now, joined to the node by a veth named `host_if` on
-    /// the node's side, in `169.254.<net>.0/30` (node .1, pod .2).
+    /// the node's side, in `169.254.<net>.0/30` and `fd00:<net>::/64` (node
+    /// .1/::1, pod .2/::2).
     pub fn add_pod(&self, name: &str, host_if: &str, net: u8) -> Netns {
         let pod = Netns::new(format!("{}-{name}", self.tag));
         join(&self.node, host_if, &pod, &format!("169.254.{net}"), 30);
+        join6(&self.node, host_if, &pod, &format!("fd00:{net}"));
         pod
     }
 
@@ -244,6 +289,59 @@ impl Topo {
                 )
             })
     }
+}
+
+/// Adds IPv6 to a veth made by [`join`]: `<prefix>::1/64` on the node,
+/// `<prefix>::2/64` in `other`, whose default route is the node. No DAD, so
+/// the addresses work at once.
+pub fn join6(node: &Netns, host_if: &str, other: &Netns, prefix: &str) {
+    let node_ip = format!("{prefix}::1");
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{node_ip}/64"),
+        "dev",
+        host_if,
+        "nodad",
+    ]);
+    other.ip(&[
+        "addr",
+        "add",
+        &format!("{prefix}::2/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    other.ip(&["-6", "route", "add", "default", "via", &node_ip]);
+}
+
+/// Signs `text` (the zone `origin`) with a fresh KSK and ZSK made by
+/// `ldns-keygen` in `dir`; returns the signed zone text.
+pub fn sign_zone(dir: &Path, origin: &str, text: &str) -> String {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).expect("key dir");
+    let unsigned = keys.join(format!("{origin}.zone"));
+    std::fs::write(&unsigned, text).expect("zone file");
+    let keygen = |ksk: bool| {
+        let mut c = Command::new("ldns-keygen");
+        c.current_dir(&keys).args(["-a", "ECDSAP256SHA256"]);
+        if ksk {
+            c.arg("-k");
+        }
+        let out = c.arg(origin).output().expect("ldns-keygen (ldnsutils)");
+        assert!(out.status.success(), "ldns-keygen: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (ksk, zsk) = (keygen(true), keygen(false));
+    let out = Command::new("ldns-signzone")
+        .current_dir(&keys)
+        .args(["-o", origin])
+        .arg(&unsigned)
+        .args([&ksk, &zsk])
+        .output()
+        .expect("ldns-signzone (ldnsutils)");
+    assert!(out.status.success(), "ldns-signzone: {out:?}");
+    std::fs::read_to_string(keys.join(format!("{origin}.zone.signed"))).expect("signed zone")
 }
 
 /// The AKS sample profile (the daemon's embedded default config).

@@ -33,6 +33,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "knot-dnsutils",
     "dnsperf",
     "nsd",
+    "ldnsutils",
     "nftables",
     "bpftool",
     "util-linux",
