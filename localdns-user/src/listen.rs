@@ -11,20 +11,21 @@
 //! (`net.ipv4.tcp_migrate_req`, set at start); open ones finish their
 //! in-flight queries and are closed.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use crate::resolver::{Resolver, Transport};
 
-/// TCP connections idle this long are closed (RFC 7766 suggests seconds).
-const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries one TCP connection may have in flight; reading pauses beyond.
+const TCP_PIPELINE: usize = 32;
 /// After leaving the reuseport group, a socket is read until it has been
 /// quiet this long (datagrams already past the socket lookup still land).
 const DRAIN_QUIET: Duration = Duration::from_millis(50);
@@ -164,13 +165,86 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// What every serving task shares: the resolver, the stop signal and the
-/// in-flight count.
+/// Bounds on TCP client connections, over all listener addresses: a
+/// client (one source address: a pod) may hold `per_client`, all clients
+/// together `total`. A connection over either bound is closed at once.
+pub struct TcpLimits {
+    pub total: usize,
+    pub per_client: usize,
+    /// A connection with no query for this long is closed (RFC 7766 §6.2.3
+    /// suggests seconds; CoreDNS uses 10 s).
+    pub idle: Duration,
+    open: Mutex<HashMap<IpAddr, usize>>,
+    count: AtomicUsize,
+    /// Connections closed at accept because of a bound.
+    pub refused: AtomicU64,
+}
+
+/// One admitted connection; gives its place back on drop.
+pub struct TcpSlot {
+    limits: Arc<TcpLimits>,
+    client: IpAddr,
+}
+
+impl TcpLimits {
+    pub fn new(total: usize, per_client: usize, idle: Duration) -> Arc<TcpLimits> {
+        Arc::new(TcpLimits {
+            total,
+            per_client,
+            idle,
+            open: Mutex::new(HashMap::new()),
+            count: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// A slot for a connection from `client`, if both bounds allow it.
+    pub fn admit(self: &Arc<Self>, client: IpAddr) -> Option<TcpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = open.entry(client).or_insert(0);
+        if *mine >= self.per_client || self.count.load(Ordering::Relaxed) >= self.total {
+            if *mine == 0 {
+                open.remove(&client);
+            }
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *mine += 1;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Some(TcpSlot {
+            limits: self.clone(),
+            client,
+        })
+    }
+
+    /// Open client connections.
+    pub fn open(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        let l = &self.limits;
+        let mut open = l.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+        l.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What every serving task shares: the resolver, the stop signal, the
+/// in-flight count and the TCP client bounds.
 #[derive(Clone)]
 pub struct Ctx {
     pub res: Arc<Resolver>,
     pub stop: watch::Receiver<bool>,
     pub inflight: Arc<InFlight>,
+    pub tcp: Arc<TcpLimits>,
 }
 
 /// Takes a bound UDP socket out of its reuseport group: a connected socket
@@ -253,9 +327,15 @@ pub async fn serve_tcp(listener: TcpListener, view: u8, ctx: Ctx) {
             _ = stop.wait_for(|s| *s) => break,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                tokio::spawn(tcp_conn(stream, peer, view, ctx.clone()));
-            }
+            Ok((stream, peer)) => match ctx.tcp.admit(peer.ip()) {
+                Some(slot) => {
+                    tokio::spawn(tcp_conn(stream, peer, view, ctx.clone(), slot));
+                }
+                None => {
+                    tracing::debug!(client = %peer, open = ctx.tcp.open(), "tcp connection over the limits closed");
+                    drop(stream);
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "tcp accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -265,9 +345,13 @@ pub async fn serve_tcp(listener: TcpListener, view: u8, ctx: Ctx) {
 }
 
 /// One client connection: queries are answered concurrently and written
-/// back as they complete (pipelining, RFC 7766 §6.2.1.1). On stop, no more
-/// queries are read; those read are answered, then the connection closes.
-async fn tcp_conn(stream: TcpStream, peer: SocketAddr, view: u8, ctx: Ctx) {
+/// back as they complete (pipelining, RFC 7766 §6.2.1.1), at most
+/// [`TCP_PIPELINE`] at a time. Idle for [`TcpLimits::idle`], it is closed. On
+/// stop, no more queries are read; those read are answered, then the
+/// connection closes and gives back its `slot`.
+async fn tcp_conn(stream: TcpStream, peer: SocketAddr, view: u8, ctx: Ctx, slot: TcpSlot) {
+    let _slot = slot;
+    let pipeline = Arc::new(Semaphore::new(TCP_PIPELINE));
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
@@ -285,7 +369,7 @@ async fn tcp_conn(stream: TcpStream, peer: SocketAddr, view: u8, ctx: Ctx) {
     loop {
         let mut len = [0u8; 2];
         let read = tokio::select! {
-            r = tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut len)) => r,
+            r = tokio::time::timeout(ctx.tcp.idle, rd.read_exact(&mut len)) => r,
             _ = stop.wait_for(|s| *s) => break,
         };
         match read {
@@ -293,16 +377,19 @@ async fn tcp_conn(stream: TcpStream, peer: SocketAddr, view: u8, ctx: Ctx) {
             _ => break,
         }
         let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
-        match tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut msg)).await {
+        match tokio::time::timeout(ctx.tcp.idle, rd.read_exact(&mut msg)).await {
             Ok(Ok(_)) => {}
             _ => break,
         }
+        let Ok(permit) = pipeline.clone().acquire_owned().await else {
+            break;
+        };
         let (tx, res, guard) = (tx.clone(), ctx.res.clone(), ctx.inflight.enter());
         tokio::spawn(async move {
             if let Some(out) = res.handle(view, &msg, peer, Transport::Tcp).await {
                 let _ = tx.send(out).await;
             }
-            drop(guard);
+            drop((guard, permit));
         });
     }
     drop(tx);

@@ -132,6 +132,16 @@ struct RunArgs {
     /// Same as `--fastpath off` (userspace only, for comparison).
     #[arg(long)]
     no_fastpath: bool,
+    /// TCP client connections open at once, over all listeners; more are
+    /// closed at accept.
+    #[arg(long, default_value_t = 1024)]
+    tcp_max_conns: usize,
+    /// TCP connections one client address (a pod) may hold open at once.
+    #[arg(long, default_value_t = 16)]
+    tcp_max_conns_per_client: usize,
+    /// Seconds a TCP client connection may stay idle before it is closed.
+    #[arg(long, default_value_t = 10.0)]
+    tcp_idle_timeout: f64,
     /// Capacity of the kernel cache map.
     #[arg(long, default_value_t = localdns_common::CACHE_MAP_ENTRIES)]
     fastpath_entries: u32,
@@ -332,6 +342,11 @@ async fn serve(
         res: res.clone(),
         stop: stop_rx,
         inflight: inflight.clone(),
+        tcp: listen::TcpLimits::new(
+            args.tcp_max_conns,
+            args.tcp_max_conns_per_client,
+            Duration::from_secs_f64(args.tcp_idle_timeout.clamp(0.1, 3600.0)),
+        ),
     };
     // Serving tasks finish by themselves once stopped (draining); the
     // others are aborted.

@@ -352,3 +352,138 @@ fn large_answers_in_the_kernel_xdp_generic() {
 fn large_answers_in_the_kernel_tc() {
     large_answers_in_mode("tc");
 }
+
+/// Opens TCP connections to a listener from given source addresses and
+/// reports, as JSON, what each got. Queries are built by hand here (not by
+/// our codec); an answer counts when its ID matches and QR is set.
+const TCP_CLIENT: &str = r#"
+import json, socket, struct, sys, time
+server, plan = sys.argv[1], json.loads(sys.argv[2])
+def query(qid, name):
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0" + struct.pack(">HH", 1, 1)
+def read_msg(s):
+    def exact(n):
+        b = b""
+        while len(b) < n:
+            c = s.recv(n - len(b))
+            if not c:
+                return None
+            b += c
+        return b
+    h = exact(2)
+    return exact(struct.unpack(">H", h)[0]) if h else None
+def answered(s, ids):
+    got = set()
+    try:
+        for _ in ids:
+            m = read_msg(s)
+            if m is None or not (m[2] & 0x80):
+                break
+            got.add(struct.unpack(">H", m[:2])[0])
+    except OSError:
+        pass
+    return sorted(got)
+def connect(src):
+    s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET)
+    s.settimeout(3)
+    s.bind((src, 0))
+    s.connect((server, 53))
+    return s
+out, keep = {}, []
+for step in plan:
+    if step["op"] == "pipeline":
+        s = connect(step["src"])
+        ids = list(range(1, step["n"] + 1))
+        s.sendall(b"".join(struct.pack(">H", len(q)) + q for q in (query(i, step["name"]) for i in ids)))
+        out[step["label"]] = answered(s, ids)
+        s.close()
+    elif step["op"] == "open":
+        ok = 0
+        for i in range(step["n"]):
+            s = connect(step["src"])
+            q = query(1000 + i, step["name"])
+            try:
+                s.sendall(struct.pack(">H", len(q)) + q)
+            except OSError:
+                continue
+            if answered(s, [0]):
+                ok += 1
+                keep.append(s)
+        out[step["label"]] = ok
+    elif step["op"] == "close_all":
+        for s in keep:
+            s.close()
+        keep = []
+        time.sleep(0.3)
+    elif step["op"] == "idle":
+        s = connect(step["src"])
+        time.sleep(step["secs"])
+        try:
+            out[step["label"]] = "closed" if s.recv(1) == b"" else "open"
+        except socket.timeout:
+            out[step["label"]] = "open"
+        except OSError:
+            out[step["label"]] = "closed"
+print(json.dumps(out))
+"#;
+
+/// RFC 7766 TCP service: pipelined queries all answered on one connection,
+/// connections bounded per client address and in total, idle ones closed.
+#[test]
+fn tcp_clients_pipeline_and_are_bounded() {
+    let mut t = Topo::new();
+    let mut args = vec![
+        "--iface",
+        "vpod*",
+        "--tcp-max-conns",
+        "24",
+        "--tcp-max-conns-per-client",
+        "16",
+        "--tcp-idle-timeout",
+        "1",
+    ];
+    args.extend(DUAL_STACK);
+    t.start_daemon(&args);
+    // A second source address in the pod: another client for the bounds.
+    t.pod
+        .ip(&["addr", "add", "fd00:100::3/64", "dev", "eth0", "nodad"]);
+    let name = "kubernetes.default.svc.cluster.local";
+    let step = |op: &str, label: &str, src: &str, n: u32| serde_json::json!({"op": op, "label": label, "src": src, "n": n, "name": name, "secs": 1.6});
+    let plan = serde_json::json!([
+        // Neighbour discovery for the new address first (it costs its
+        // first connection ~2 s, longer than the idle timeout).
+        step("open", "warm", "fd00:100::3", 1),
+        step("close_all", "", "", 0),
+        step("pipeline", "pipelined", "fd00:100::2", 40),
+        step("open", "first_client", "fd00:100::2", 20),
+        step("open", "second_client", "fd00:100::3", 12),
+        step("close_all", "", "", 0),
+        step("open", "after_close", "fd00:100::3", 1),
+        step("close_all", "", "", 0),
+        step("idle", "idle", "fd00:100::2", 0),
+    ]);
+    let o = t
+        .pod
+        .output("python3", &["-c", TCP_CLIENT, KUBE6, &plan.to_string()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let got: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {text}{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            t.daemon_log()
+        )
+    });
+    // 40 queries in one write, more than the 32 in flight at once: all answered.
+    let ids: Vec<u64> = (1..=40).collect();
+    assert_eq!(got["pipelined"], serde_json::json!(ids), "{got}");
+    // 16 per client; the second client stops at the total of 24.
+    assert_eq!(got["first_client"], 16, "{got}");
+    assert_eq!(got["second_client"], 8, "{got}");
+    // Closed connections give their places back.
+    assert_eq!(got["after_close"], 1, "{got}");
+    // Idle past --tcp-idle-timeout (1 s): the daemon closed it.
+    assert_eq!(got["idle"], "closed", "{got}");
+}
