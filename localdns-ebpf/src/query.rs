@@ -6,7 +6,7 @@
 
 use localdns_common::{
     KEY_F_CD, KEY_F_DO, KEY_F_EDNS, MAX_LISTEN, MAX_QNAME, PLAIN_UDP_MAX, STAT_NOT_DNS,
-    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, lower8,
+    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, csum_fold, lower8,
     qname_hash_step,
 };
 
@@ -104,6 +104,13 @@ pub fn l4<P: Packet, const V6: bool>(
                 view = l.view6[i];
             }
         }
+        // The stack drops unspecified and multicast sources: so do we (a
+        // reply must never go to a group).
+        let s0 = ld64(unsafe { ip.add(8) });
+        let s1 = ld64(unsafe { ip.add(16) });
+        if view != 0xff && ((s0 | s1) == 0 || s0 & 0xff == 0xff) {
+            return Err(STAT_PASS_IP);
+        }
         let payload = be16(unsafe { ip.add(4) }) as usize;
         (view, unsafe { *ip.add(6) }, 0, payload)
     } else {
@@ -121,6 +128,9 @@ pub fn l4<P: Packet, const V6: bool>(
         let tot = be16(unsafe { ip.add(2) }) as usize;
         if view != 0xff && vihl != 0x45 {
             return Err(STAT_PASS_IP); // options: the UDP header is elsewhere
+        }
+        if view != 0xff && !ipv4_header_ok(ip) {
+            return Err(STAT_PASS_IP);
         }
         let frag = be16(unsafe { ip.add(6) }) & 0x3fff; // MF or offset
         (view, unsafe { *ip.add(9) }, frag, tot.wrapping_sub(20))
@@ -142,6 +152,9 @@ pub fn l4<P: Packet, const V6: bool>(
     if be16(unsafe { udp.add(2) }) != 53 {
         return Err(STAT_NOT_DNS);
     }
+    if ld16(udp) == 0 {
+        return Err(STAT_PASS_IP); // source port 0: nowhere to answer
+    }
     if frag != 0 {
         return Err(STAT_PASS_IP);
     }
@@ -153,6 +166,20 @@ pub fn l4<P: Packet, const V6: bool>(
         return Err(STAT_PASS_HEADER);
     }
     Ok((view, udp_len))
+}
+
+/// What the stack checks of an IPv4 header (20 bytes at `ip`) before a
+/// socket would see it: a correct checksum, and a source that is neither
+/// 0.0.0.0/8 nor multicast, reserved or broadcast (224.0.0.0 and up).
+#[inline(always)]
+fn ipv4_header_ok(ip: *const u8) -> bool {
+    let w = |i: usize| unsafe { (ip.add(4 * i) as *const u32).read_unaligned() } as u64;
+    // One's-complement sum in either byte order: all ones when correct.
+    if csum_fold(w(0) + w(1) + w(2) + w(3) + w(4)) != 0xffff {
+        return false;
+    }
+    let src0 = unsafe { *ip.add(12) };
+    src0 != 0 && src0 < 224
 }
 
 /// The DNS header: a plain standard query with one question and at most

@@ -58,6 +58,14 @@ mod tests {
         let qend = 12 + 8 + 4;
         ptr[qend..qend + 2].copy_from_slice(&[0xc3, 0xff]); // pointer past the end
         assert!(upstream_reply(&ptr).is_err(), "bad pointer accepted");
+        // Found by the upstream_reply fuzz target: an owner name pointing
+        // into the header reads ARCOUNT, which adding our OPT changes.
+        let mut hdr = good();
+        hdr[qend..qend + 2].copy_from_slice(&[0xc0, 0x09]);
+        assert!(
+            upstream_reply(&hdr).is_err(),
+            "pointer into the header accepted"
+        );
         assert!(upstream_reply(&good()[..11]).is_err());
     }
 }

@@ -176,6 +176,15 @@ fn skip_name(b: &[u8], off: usize) -> Result<usize, WireError> {
                         why: "truncated pointer",
                     });
                 }
+                // Only back to an earlier name: a pointer into the header
+                // would read counts we rewrite (ARCOUNT when adding OPT).
+                let target = usize::from(l & 0x3f) << 8 | usize::from(b[p + 1]);
+                if !(HEADER_LEN..p).contains(&target) {
+                    return Err(WireError::Name {
+                        offset: p,
+                        why: "pointer into the header or forward",
+                    });
+                }
                 return Ok(p + 2);
             }
             _ => {

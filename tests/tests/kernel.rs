@@ -608,6 +608,46 @@ fn cases() -> Vec<Case> {
             expect: Expect::Pass(STAT_PASS_IP),
         },
         Case {
+            name: "IPv4 header checksum wrong",
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            frame: {
+                let mut fr = f(VNET.into(), &q_www);
+                fr[24] ^= 0x01;
+                fr
+            },
+            dns: vec![],
+            expect: Expect::Pass(STAT_PASS_IP),
+        },
+        Case {
+            name: "IPv4 broadcast source",
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            frame: FrameSpec::udp(Ipv4Addr::BROADCAST, VNET, 40000, 53).build(&q_www),
+            dns: vec![],
+            expect: Expect::Pass(STAT_PASS_IP),
+        },
+        Case {
+            name: "IPv4 multicast source",
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            frame: FrameSpec::udp(Ipv4Addr::new(224, 0, 0, 251), VNET, 40000, 53).build(&q_www),
+            dns: vec![],
+            expect: Expect::Pass(STAT_PASS_IP),
+        },
+        Case {
+            name: "IPv6 multicast source",
+            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            frame: FrameSpec::udp("ff02::fb".parse::<Ipv6Addr>().unwrap(), VNET6, 40000, 53)
+                .build(&q_www),
+            dns: vec![],
+            expect: Expect::Pass(STAT_PASS_IP),
+        },
+        Case {
+            name: "source port 0",
+            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            frame: FrameSpec::udp(CLIENT, VNET, 0, 53).build(&q_www),
+            dns: vec![],
+            expect: Expect::Pass(STAT_PASS_IP),
+        },
+        Case {
             name: "fragment",
             seed: seed(VNET.into(), &q_www, resp_a, 0),
             frame: frag.build(&q_www),

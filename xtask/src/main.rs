@@ -27,6 +27,10 @@ const BENCH_PACKAGES: &[&str] = &[
 /// Debian packages: the daemon needs iproute2; the tests need real DNS
 /// clients and servers, nftables, bpftool and nsenter, and qemu with a
 /// static busybox to run the kernel tests on a second kernel.
+/// cargo-fuzz targets in fuzz/ (the daemon's query and reply parsing).
+const FUZZ_TARGETS: [&str; 2] = ["client_query", "upstream_reply"];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "dnsutils",
@@ -60,8 +64,10 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Lint (fmt, clippy on userspace and eBPF crates), then run every test:
-    /// unit, BPF_PROG_TEST_RUN and network-namespace integration tests, and
-    /// the BPF_PROG_TEST_RUN tests again on Debian's 6.1 kernel under qemu.
+    /// unit, BPF_PROG_TEST_RUN (with a 10^6-frame fuzz run) and
+    /// network-namespace integration tests, each cargo-fuzz target for 15 s,
+    /// and the BPF_PROG_TEST_RUN tests again on Debian's 6.1 kernel under
+    /// qemu.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -69,6 +75,12 @@ enum Cmd {
     },
     /// fmt check and clippy -D warnings on both userspace and eBPF crates.
     Lint,
+    /// Run each cargo-fuzz target (fuzz/) for this long (by hand; the test
+    /// command runs them for 15 s).
+    Fuzz {
+        #[arg(long, default_value_t = 600)]
+        secs: u32,
+    },
     /// Run a shell command on Debian's 6.1 kernel under qemu (host root
     /// shared read-only, working directory kept), e.g. a test binary.
     Vm {
@@ -142,6 +154,18 @@ fn prereqs_with(packages: &[&str]) -> Result<()> {
             "--force",
         ]))?;
     }
+    let fuzz_ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false);
+    if !fuzz_ok {
+        run(Command::new("cargo").args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]))?;
+    }
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -178,6 +202,9 @@ fn build() -> Result<()> {
 
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(root().join("fuzz"))
+        .args(["fmt", "--check"]))?;
     run(cargo().args([
         "clippy",
         "--release",
@@ -204,6 +231,26 @@ fn lint() -> Result<()> {
         ]))
 }
 
+/// Each cargo-fuzz target of fuzz/ for `secs` seconds, from the committed
+/// seeds (fuzz/corpus/<target>, read only) plus what earlier runs found
+/// (target/fuzz-corpus/<target>). A crash fails the run and leaves the
+/// input in fuzz/artifacts/.
+fn fuzz_briefly(secs: u32) -> Result<()> {
+    for t in FUZZ_TARGETS {
+        let work = root().join("target/fuzz-corpus").join(t);
+        std::fs::create_dir_all(&work)?;
+        run(Command::new("cargo")
+            .current_dir(root().join("fuzz"))
+            .env_remove("RUSTC")
+            .env_remove("CARGO")
+            .args(["+nightly", "fuzz", "run", "--sanitizer", "none", t])
+            .arg(&work)
+            .arg(root().join("fuzz/corpus").join(t))
+            .args(["--", &format!("-max_total_time={secs}")]))?;
+    }
+    Ok(())
+}
+
 fn in_vm(cmd: &str) -> Result<i32> {
     let k = vm::kernel(&root().join("target/vm-kernel"))?;
     vm::run(
@@ -215,29 +262,35 @@ fn in_vm(cmd: &str) -> Result<i32> {
     )
 }
 
-/// The BPF_PROG_TEST_RUN tests (tests/tests/kernel.rs) on Debian's 6.1
-/// kernel: the same binary that just ran on this machine's kernel.
+/// The BPF_PROG_TEST_RUN tests (tests/tests/kernel.rs, and a shorter
+/// kernel_fuzz.rs run: software emulation is slow) on Debian's 6.1
+/// kernel: the same binaries that just ran on this machine's kernel.
 fn kernel_tests_in_vm() -> Result<()> {
-    let out = cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "localdns-tests",
-            "--test",
-            "kernel",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .output()
-        .context("cargo test --no-run")?;
-    let exe = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|m| m["target"]["name"] == "kernel" && m["executable"].is_string())
-        .and_then(|m| m["executable"].as_str().map(String::from))
-        .context("kernel test binary not found")?;
-    let code = in_vm(&format!("{exe} --test-threads=1"))?;
+    let exe = |name: &str| -> Result<String> {
+        let out = cargo()
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "localdns-tests",
+                "--test",
+                name,
+                "--no-run",
+                "--message-format=json",
+            ])
+            .output()
+            .context("cargo test --no-run")?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|m| m["target"]["name"] == name && m["executable"].is_string())
+            .and_then(|m| m["executable"].as_str().map(String::from))
+            .with_context(|| format!("{name} test binary not found"))
+    };
+    let (kernel, fuzz) = (exe("kernel")?, exe("kernel_fuzz")?);
+    let code = in_vm(&format!(
+        "sh -c '{kernel} --test-threads=1 && LOCALDNS_FUZZ_PACKETS=300000 {fuzz} --nocapture'"
+    ))?;
     if code != 0 {
         bail!("kernel tests on Linux 6.1 failed (exit status {code})");
     }
@@ -261,6 +314,10 @@ fn main() -> Result<()> {
         Cmd::Lint => {
             prereqs()?;
             lint()
+        }
+        Cmd::Fuzz { secs } => {
+            prereqs()?;
+            fuzz_briefly(secs)
         }
         Cmd::Bench { quick, only } => {
             prereqs_with(&[DEBIAN_PACKAGES, BENCH_PACKAGES].concat())?;
@@ -289,6 +346,7 @@ fn main() -> Result<()> {
                 .arg("--")
                 .args(&args))?;
             if args.is_empty() {
+                fuzz_briefly(15)?;
                 kernel_tests_in_vm()
             } else {
                 Ok(())
