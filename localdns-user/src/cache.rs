@@ -336,23 +336,7 @@ pub(crate) mod tests {
     use crate::wire::{parse_query, testmsg::query};
 
     /// An upstream reply to `q`: `answers` A records of TTL `ttl` each.
-    pub(crate) fn reply_a(qraw: &[u8], answers: &[(u32, [u8; 4])]) -> Vec<u8> {
-        let q = parse_query(qraw).unwrap();
-        let mut m = wire::upstream_query(&q, 0x4242);
-        m[2] = 0x81;
-        m[3] = 0x80;
-        m[7] = answers.len() as u8;
-        let ar_at = m.len() - if q.edns.is_some() { 11 } else { 0 };
-        let mut rrs = Vec::new();
-        for (ttl, ip) in answers {
-            rrs.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-            rrs.extend_from_slice(&ttl.to_be_bytes());
-            rrs.extend_from_slice(&[0, 4]);
-            rrs.extend_from_slice(ip);
-        }
-        m.splice(ar_at..ar_at, rrs);
-        m
-    }
+    pub(crate) use crate::wire::testmsg::reply_a;
 
     #[test]
     fn render_copies_id_question_case_rd_and_counts_ttl_down() {

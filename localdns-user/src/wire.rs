@@ -567,41 +567,56 @@ pub fn walk_response(resp: &[u8]) -> Result<(usize, Walk), WireError> {
 
 #[cfg(test)]
 pub(crate) mod testmsg {
-    //! Tiny message builder for unit tests.
-    use super::*;
+    //! Messages for unit tests, built by hickory-proto (not by this module,
+    //! so the parser is not checked against itself).
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query as HQuery};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
 
+    /// A query (ID 0x1234, RD) for `name`/`qtype`, with EDNS (UDP size,
+    /// DO) when given.
     pub fn query(name: &str, qtype: u16, edns: Option<(u16, bool)>) -> Vec<u8> {
-        let mut m = vec![
-            0x12,
-            0x34,
-            0x01,
-            0x00,
-            0,
-            1,
-            0,
-            0,
-            0,
-            0,
-            0,
-            u8::from(edns.is_some()),
-        ];
-        for l in name
-            .trim_end_matches('.')
-            .split('.')
-            .filter(|l| !l.is_empty())
-        {
-            m.push(l.len() as u8);
-            m.extend_from_slice(l.as_bytes());
+        let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(HQuery::query(
+            Name::from_ascii(name).expect("test name"),
+            RecordType::from(qtype),
+        ));
+        if let Some((size, do_bit)) = edns {
+            let mut o = Edns::new();
+            o.set_max_payload(size);
+            o.set_dnssec_ok(do_bit);
+            m.edns = Some(o);
         }
-        m.push(0);
-        m.extend_from_slice(&qtype.to_be_bytes());
-        m.extend_from_slice(&CLASS_IN.to_be_bytes());
-        if let Some((size, d)) = edns {
-            let mut o = our_opt(d, 0);
-            o[3..5].copy_from_slice(&size.to_be_bytes());
-            m.extend_from_slice(&o);
+        m.to_vec().expect("encode test query")
+    }
+
+    /// An upstream's NOERROR reply to `qraw` (ID 0x4242, RA) with A
+    /// records (TTL, address) owned by the question name.
+    pub fn reply_a(qraw: &[u8], answers: &[(u32, [u8; 4])]) -> Vec<u8> {
+        let q = Message::from_vec(qraw).expect("test query decodes");
+        let mut r = Message::new(0x4242, MessageType::Response, OpCode::Query);
+        r.metadata.recursion_desired = q.metadata.recursion_desired;
+        r.metadata.recursion_available = true;
+        r.queries = q.queries.clone();
+        let owner = q.queries[0].name().clone();
+        r.answers = answers
+            .iter()
+            .map(|(ttl, ip)| {
+                Record::from_rdata(
+                    owner.clone(),
+                    *ttl,
+                    RData::A(A::from(std::net::Ipv4Addr::from(*ip))),
+                )
+            })
+            .collect();
+        if let Some(e) = &q.edns {
+            let mut o = Edns::new();
+            o.set_max_payload(1232);
+            o.set_dnssec_ok(e.flags().dnssec_ok);
+            r.edns = Some(o);
         }
-        m
+        r.to_vec().expect("encode test reply")
     }
 }
 

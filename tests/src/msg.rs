@@ -3,7 +3,6 @@
 //! `wire.rs`, so tests do not check the parser against itself.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::opt::EdnsOption;
@@ -27,7 +26,7 @@ pub struct QEdns {
 
 /// A name as given (case kept).
 pub fn name(s: &str) -> Name {
-    Name::from_str(s).unwrap_or_else(|e| panic!("name {s:?}: {e}"))
+    Name::from_ascii(s).unwrap_or_else(|e| panic!("name {s:?}: {e}"))
 }
 
 /// A query message: `flags` may set RD, AD, CD.
