@@ -8,7 +8,9 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::LinkMessage;
 use rtnetlink::{Handle, LinkDummy};
 use thiserror::Error;
@@ -103,6 +105,14 @@ pub async fn ensure(handle: &Handle, addrs: &[IpAddr]) -> Result<Listeners, Addr
             req.message_mut()
                 .attributes
                 .push(AddressAttribute::Label(LO_LABEL.into()));
+        }
+        if a.is_ipv6() {
+            // No duplicate address detection: a tentative address cannot
+            // be bound for a second or more (on the dummy device).
+            let m = req.message_mut();
+            m.header.flags |= AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         req.execute()
             .await

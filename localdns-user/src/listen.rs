@@ -64,6 +64,7 @@ pub fn bind(
         )
         .map_err(|e| err("udp", e))?;
         s.set_reuse_port(true).map_err(|e| err("udp", e))?;
+        freebind(&s, addr);
         // Root may exceed net.core.rmem_max; otherwise take what is allowed.
         if !rcvbuf_force(&s, UDP_RCVBUF) {
             let _ = s.set_recv_buffer_size(UDP_RCVBUF);
@@ -80,11 +81,23 @@ pub fn bind(
     .map_err(|e| err("tcp", e))?;
     t.set_reuse_address(true).map_err(|e| err("tcp", e))?;
     t.set_reuse_port(true).map_err(|e| err("tcp", e))?;
+    freebind(&t, addr);
     t.set_nonblocking(true).map_err(|e| err("tcp", e))?;
     t.bind(&addr.into()).map_err(|e| err("tcp", e))?;
     t.listen(1024).map_err(|e| err("tcp", e))?;
     let tcp = TcpListener::from_std(t.into()).map_err(|e| err("tcp", e))?;
     Ok((udp, tcp))
+}
+
+/// Lets a socket bind an address that is not (yet) usable: an IPv6
+/// address still in duplicate address detection, or one an operator adds
+/// later. Best effort.
+fn freebind(s: &socket2::Socket, addr: SocketAddr) {
+    let _ = if addr.is_ipv6() {
+        s.set_freebind_v6(true)
+    } else {
+        s.set_freebind_v4(true)
+    };
 }
 
 /// SO_RCVBUFFORCE (root only): a buffer beyond net.core.rmem_max.
