@@ -302,17 +302,27 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     }
     let mode = match profile.get("mode") {
         None => Mode::Preferred,
-        Some(v) => enum_field(
-            v,
-            "$.localDNSProfile.mode",
-            &[
-                ("Required", Mode::Required),
-                ("Preferred", Mode::Preferred),
-                ("Disabled", Mode::Disabled),
-            ],
-            &mut problems,
-        )
-        .unwrap_or(Mode::Preferred),
+        Some(v) => {
+            let mut bad = Vec::new();
+            match enum_field(
+                v,
+                "$.localDNSProfile.mode",
+                &[
+                    ("Required", Mode::Required),
+                    ("Preferred", Mode::Preferred),
+                    ("Disabled", Mode::Disabled),
+                ],
+                &mut bad,
+            ) {
+                Some(m) => m,
+                // Without a valid mode nothing says how to treat the other
+                // problems (the AKS API rejects it too): always fatal.
+                None => {
+                    bad.append(&mut problems);
+                    return Err(ConfigError::Invalid { problems: bad });
+                }
+            }
+        }
     };
     let vnet = parse_view(profile, ViewKind::Vnet, &mut problems);
     let kube = parse_view(profile, ViewKind::Kube, &mut problems);
@@ -637,6 +647,15 @@ mod tests {
     }
 
     #[test]
+    fn invalid_mode_is_an_error() {
+        for mode in ["\"Sometimes\"", "1", "null"] {
+            let text = DEFAULT_CONFIG.replace("\"Preferred\"", mode);
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("$.localDNSProfile.mode"), "{e}");
+        }
+    }
+
+    #[test]
     fn disabled_mode_parses() {
         let l = parse(r#"{"localDNSProfile":{"mode":"disabled"}}"#).unwrap();
         assert_eq!(l.config.mode, Mode::Disabled);
@@ -647,123 +666,5 @@ mod tests {
         let text = r#"{"localDNSProfile":{"mode":"Required","kubeDNSOverrides":{"a.com":{},"A.COM.":{}}}}"#;
         assert!(matches!(parse(text), Err(ConfigError::Invalid { .. })));
         assert!(matches!(parse("{"), Err(ConfigError::Json { .. })));
-    }
-}
-
-/// Upstream and listener facts the Corefile needs besides the config file.
-pub struct CorefileContext<'a> {
-    pub vnet_listen: &'a str,
-    pub kube_listen: &'a str,
-    /// `forward` target of VnetDNS zones (AKS uses /etc/resolv.conf).
-    pub vnet_dns: &'a str,
-    /// `forward` target of ClusterCoreDNS zones.
-    pub cluster_dns: &'a str,
-}
-
-/// The CoreDNS Corefile the same configuration means, in the shape AKS
-/// LocalDNS generates: one `<zone>:53` block per zone and view, bound to the
-/// view's address, with errors/log, forward (protocol, policy,
-/// max_concurrent) and cache (cap, serve_stale).
-pub fn render_corefile(cfg: &Config, ctx: &CorefileContext<'_>) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    for (view, bind) in [
-        (ViewKind::Vnet, ctx.vnet_listen),
-        (ViewKind::Kube, ctx.kube_listen),
-    ] {
-        let _ = writeln!(out, "# {} ({bind})", view.json_key());
-        // Most general zone first, as the AKS files read.
-        for z in cfg.zones(view).iter().rev() {
-            let s = &z.settings;
-            let text = crate::wire::name_to_text(&z.name);
-            let name = if text == "." {
-                text.as_str()
-            } else {
-                text.trim_end_matches('.')
-            };
-            let _ = writeln!(out, "{name}:53 {{");
-            let _ = writeln!(out, "    errors");
-            if s.query_logging == QueryLogging::Log {
-                let _ = writeln!(out, "    log");
-            }
-            let _ = writeln!(out, "    bind {bind}");
-            let target = match s.destination {
-                Destination::VnetDns => ctx.vnet_dns,
-                Destination::ClusterCoreDns => ctx.cluster_dns,
-            };
-            let _ = writeln!(out, "    forward . {target} {{");
-            let _ = writeln!(
-                out,
-                "        {}",
-                match s.protocol {
-                    Protocol::ForceTcp => "force_tcp",
-                    Protocol::PreferUdp => "prefer_udp",
-                }
-            );
-            let policy = match s.policy {
-                Policy::Sequential => "sequential",
-                Policy::RoundRobin => "round_robin",
-                Policy::Random => "random",
-            };
-            let _ = writeln!(out, "        policy {policy}");
-            let _ = writeln!(out, "        max_concurrent {}", s.max_concurrent);
-            let _ = writeln!(out, "    }}");
-            match s.serve_stale {
-                ServeStale::Disable => {
-                    let _ = writeln!(out, "    cache {}", s.cache_secs);
-                }
-                mode => {
-                    let m = if mode == ServeStale::Verify {
-                        "verify"
-                    } else {
-                        "immediate"
-                    };
-                    let _ = writeln!(out, "    cache {} {{", s.cache_secs);
-                    let _ = writeln!(out, "        serve_stale {}s {m}", s.stale_secs);
-                    let _ = writeln!(out, "    }}");
-                }
-            }
-            let _ = writeln!(out, "    loop");
-            let _ = writeln!(out, "}}");
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod corefile_tests {
-    use super::*;
-
-    const CTX: CorefileContext<'static> = CorefileContext {
-        vnet_listen: "169.254.10.10",
-        kube_listen: "169.254.10.11",
-        vnet_dns: "/etc/resolv.conf",
-        cluster_dns: "10.0.0.10",
-    };
-
-    #[test]
-    fn sample_profile_renders_aks_blocks() {
-        let cfg = parse(DEFAULT_CONFIG).unwrap().config;
-        let c = render_corefile(&cfg, &CTX);
-        let expect_vnet_root = ".:53 {\n    errors\n    bind 169.254.10.10\n    forward . /etc/resolv.conf {\n        prefer_udp\n        policy sequential\n        max_concurrent 1000\n    }\n    cache 3600 {\n        serve_stale 3600s verify\n    }\n    loop\n}\n";
-        assert!(c.contains(expect_vnet_root), "{c}");
-        // cluster.local in the kube view: ForceTCP to CoreDNS; the sample's
-        // Verify was replaced by the default (Immediate) in Preferred mode.
-        let expect_kube_cl = "cluster.local:53 {\n    errors\n    bind 169.254.10.11\n    forward . 10.0.0.10 {\n        force_tcp\n        policy sequential\n        max_concurrent 1000\n    }\n    cache 3600 {\n        serve_stale 3600s immediate\n    }\n    loop\n}\n";
-        assert!(c.contains(expect_kube_cl), "{c}");
-        assert_eq!(c.matches(":53 {").count(), 4);
-    }
-
-    #[test]
-    fn bing_block_from_the_doc() {
-        let text = r#"{"localDNSProfile":{"mode":"Preferred","kubeDNSOverrides":{"bing.com":{
-            "queryLogging":"Log","protocol":"ForceTCP","forwardDestination":"ClusterCoreDNS",
-            "forwardPolicy":"Sequential","maxConcurrent":1000,"cacheDurationInSeconds":3600,
-            "serveStaleDurationInSeconds":3600,"serveStale":"Verify"}}}}"#;
-        let l = parse(text).unwrap();
-        // ForceTCP + Verify is invalid: Preferred keeps running on Immediate.
-        assert_eq!(l.warnings.len(), 1);
-        let c = render_corefile(&l.config, &CTX);
-        assert!(c.contains("bing.com:53 {\n    errors\n    log\n    bind 169.254.10.11\n    forward . 10.0.0.10 {\n        force_tcp\n        policy sequential\n"), "{c}");
     }
 }

@@ -3,6 +3,7 @@
 pub mod addrs;
 pub mod cache;
 pub mod config;
+pub mod corefile;
 pub mod fastpath;
 pub mod forward;
 pub mod ifaces;

@@ -12,6 +12,7 @@ use localdns_common::{CacheKey, CacheValue, KEY_F_CD, KEY_F_DO, KEY_F_EDNS, VIEW
 use localdns_user::addrs;
 use localdns_user::cache::mono_ns;
 use localdns_user::config::{self, Mode};
+use localdns_user::corefile;
 use localdns_user::fastpath::attach::Change;
 use localdns_user::fastpath::pins::PinDir;
 use localdns_user::fastpath::{self, AttachMode, Fastpath, Origin};
@@ -49,12 +50,19 @@ enum Cmd {
         vnet_listen: String,
         #[arg(long, default_value = "169.254.10.11")]
         kube_listen: String,
-        /// Forward target of VnetDNS zones.
-        #[arg(long, default_value = "/etc/resolv.conf")]
+        /// Forward target of VnetDNS zones (Azure's DNS, as AKS renders it).
+        #[arg(long, default_value = "168.63.129.16")]
         vnet_dns: String,
         /// Forward target of ClusterCoreDNS zones.
         #[arg(long, default_value = "10.0.0.10")]
         cluster_dns: String,
+        /// A hosts file served before forwarding in the `.` blocks.
+        #[arg(long)]
+        hosts_file: Option<String>,
+        #[arg(long, default_value_t = 9984)]
+        cache_success: usize,
+        #[arg(long, default_value_t = 9984)]
+        cache_denial: usize,
     },
     /// Remove everything any earlier run left in the kernel: links (the
     /// fast path on every interface), programs, pinned maps, the listener
@@ -165,18 +173,26 @@ fn main() -> Result<()> {
             kube_listen,
             vnet_dns,
             cluster_dns,
+            hosts_file,
+            cache_success,
+            cache_denial,
         }) => {
             let l = config::load_file(&file.to_string_lossy())?;
             for w in &l.warnings {
                 eprintln!("warning: {w} (Preferred mode: default used)");
             }
-            let ctx = config::CorefileContext {
+            let ctx = corefile::Context {
                 vnet_listen: &vnet_listen,
                 kube_listen: &kube_listen,
                 vnet_dns: &vnet_dns,
                 cluster_dns: &cluster_dns,
+                success_cap: cache_success,
+                denial_cap: cache_denial,
+                hosts_file: hosts_file.as_deref(),
+                metrics_port: 9253,
+                ready_port: 8181,
             };
-            print!("{}", config::render_corefile(&l.config, &ctx));
+            print!("{}", corefile::render(&l.config, &ctx));
             Ok(())
         }
         Some(Cmd::Run(args)) => run(args),

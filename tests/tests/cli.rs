@@ -57,15 +57,27 @@ fn check_config_lists_every_error_and_fails() {
 }
 
 #[test]
-fn render_corefile_prints_one_block_per_zone_and_view() {
+fn render_corefile_prints_the_aks_corefile() {
     let sample = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../localdns-user/default-localdnsconfig.json"
     );
-    let (code, out, _) = run(&["render-corefile", sample, "--cluster-dns", "10.0.0.10"]);
+    let golden = include_str!("../../localdns-user/testdata/sample.Corefile");
+    let (code, out, _) = run(&["render-corefile", sample]);
     assert_eq!(code, 0);
-    assert_eq!(out.matches(":53 {").count(), 4, "{out}");
-    assert_eq!(out.matches("bind 169.254.10.10").count(), 2);
-    assert_eq!(out.matches("bind 169.254.10.11").count(), 2);
-    assert_eq!(out.matches("force_tcp").count(), 2);
+    assert_eq!(out, golden);
+    // The health-check block plus one block per zone and view.
+    assert_eq!(out.matches(":53 {").count(), 5, "{out}");
+}
+
+#[test]
+fn an_invalid_mode_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("ldns-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad-mode.json");
+    std::fs::write(&f, r#"{"localDNSProfile":{"mode":"Sometimes"}}"#).unwrap();
+    let (code, _, err) = run(&["check-config", f.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 1);
+    assert!(err.contains("$.localDNSProfile.mode"), "{err}");
 }
