@@ -19,7 +19,8 @@ use localdns_user::fastpath::{self, AttachMode, Fastpath, Origin};
 use localdns_user::ifaces::{self, Patterns};
 use localdns_user::listen::{self, Ctx, InFlight};
 use localdns_user::metrics::{self, Health};
-use localdns_user::resolver::{LogFields, Resolver, Transport, log_line, type_name};
+use localdns_user::querylog::{self, type_name};
+use localdns_user::resolver::Resolver;
 use localdns_user::wire::name_to_text;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -536,32 +537,28 @@ async fn teardown(pin_path: &Path, listen6: &[std::net::Ipv6Addr]) -> Result<()>
 /// 0: the kernel answers within the packet's own processing).
 fn log_kernel_hit(ev: &localdns_common::LogEvent) {
     let qn = &ev.qname[..(ev.qname_len as usize).min(ev.qname.len())];
-    let f = LogFields {
-        client: SocketAddr::new(
-            if ev.family == 6 {
-                IpAddr::from(ev.addr)
-            } else {
-                IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
-            },
-            ev.sport,
-        ),
-        tr: Transport::Udp,
-        id: ev.id,
-        qtype: ev.qtype,
-        qclass: ev.qclass,
-        name: name_to_text(qn),
-        size: ev.query_len as usize,
-        do_bit: ev.kflags & KEY_F_DO != 0,
-        bufsize: if ev.udp_size == 0 {
-            512
-        } else {
-            ev.udp_size.max(512)
-        },
-        rflags: Some(ev.rflags),
-        rsize: ev.reply_len as usize,
-        secs: 0.0,
+    let ip = if ev.family == 6 {
+        IpAddr::from(ev.addr)
+    } else {
+        IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
     };
-    tracing::info!("{}", log_line(&f));
+    querylog::emit(
+        querylog::QueryLine {
+            client: SocketAddr::new(ip, ev.sport),
+            proto: querylog::Proto::Udp,
+            id: ev.id,
+            qtype: ev.qtype,
+            qclass: ev.qclass,
+            qname: qn.to_vec(),
+            size: ev.query_len as usize,
+            do_bit: ev.kflags & KEY_F_DO != 0,
+            edns_size: (ev.kflags & KEY_F_EDNS != 0).then_some(ev.udp_size),
+            rflags: Some(ev.rflags),
+            rsize: ev.reply_len as usize,
+            secs: 0.0,
+        }
+        .format(),
+    );
 }
 
 /// SIGHUP: re-read --config; apply it if valid, else keep the old one.
@@ -593,13 +590,15 @@ fn init_logging(json: bool) {
     if json {
         tracing_subscriber::fmt()
             .json()
+            .with_writer(std::io::stderr)
             .with_env_filter(filter)
             .init();
     } else {
         // Colours only for a terminal, not for files or journald.
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         tracing_subscriber::fmt()
             .with_ansi(ansi)
+            .with_writer(std::io::stderr)
             .with_env_filter(filter)
             .init();
     }

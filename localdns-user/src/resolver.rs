@@ -17,6 +17,7 @@ use crate::cache::{Cache, Entry, Key, mono_ns};
 use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone, ZoneSettings};
 use crate::fastpath::Fastpath;
 use crate::forward::{ForwardError, Forwarder, Upstream};
+use crate::querylog;
 use crate::wire::{
     self, HEADER_LEN, Query, RCODE_FORMERR, RCODE_NOTIMP, RCODE_REFUSED, RCODE_SERVFAIL, WireError,
 };
@@ -26,6 +27,15 @@ use crate::wire::{
 pub enum Transport {
     Udp,
     Tcp,
+}
+
+impl Transport {
+    pub fn proto(self) -> querylog::Proto {
+        match self {
+            Transport::Udp => querylog::Proto::Udp,
+            Transport::Tcp => querylog::Proto::Tcp,
+        }
+    }
 }
 
 struct ZoneRt {
@@ -311,11 +321,7 @@ impl Resolver {
                     return self.render(e, raw, q, mono_ns(), max);
                 }
                 self.counters.servfail.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    "[ERROR] plugin/errors: 2 {} {}: {err}",
-                    q.name_text(),
-                    type_name(q.qtype)
-                );
+                querylog::emit(querylog::error_line(2, &q.qname, q.qtype, &err));
                 wire::error_reply(raw, Some(q), RCODE_SERVFAIL, false).unwrap_or_default()
             }
         }
@@ -504,125 +510,25 @@ fn relay(resp: &[u8], raw: &[u8], q: &Query, max: usize) -> Vec<u8> {
     }
 }
 
-pub fn type_name(t: u16) -> String {
-    match t {
-        1 => "A".into(),
-        2 => "NS".into(),
-        5 => "CNAME".into(),
-        6 => "SOA".into(),
-        12 => "PTR".into(),
-        15 => "MX".into(),
-        16 => "TXT".into(),
-        28 => "AAAA".into(),
-        33 => "SRV".into(),
-        65 => "HTTPS".into(),
-        255 => "ANY".into(),
-        t => format!("TYPE{t}"),
-    }
-}
-
-fn rcode_name(r: u8) -> &'static str {
-    [
-        "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
-    ]
-    .get(r as usize)
-    .copied()
-    .unwrap_or("RCODE")
-}
-
-/// What one CoreDNS `log` line says about a query.
-pub struct LogFields {
-    pub client: SocketAddr,
-    pub tr: Transport,
-    pub id: u16,
-    pub qtype: u16,
-    pub qclass: u16,
-    /// Presentation form of the qname as the client sent it.
-    pub name: String,
-    pub size: usize,
-    pub do_bit: bool,
-    pub bufsize: u16,
-    /// Reply header flags (with RCODE), if there was a reply.
-    pub rflags: Option<u16>,
-    pub rsize: usize,
-    pub secs: f64,
-}
-
-/// One line in CoreDNS's `log` plugin default format:
-/// `{remote}:{port} - {id} "{type} {class} {name} {proto} {size} {do} {bufsize}" {rcode} {rflags} {rsize} {duration}`
-pub fn log_line(f: &LogFields) -> String {
-    let proto = if f.tr == Transport::Udp { "udp" } else { "tcp" };
-    let class = if f.qclass == 1 {
-        "IN".to_string()
-    } else {
-        format!("CLASS{}", f.qclass)
-    };
-    let (rcode, rflags) = match f.rflags {
-        Some(fl) => {
-            let names = [
-                (0x8000, "qr"),
-                (0x0400, "aa"),
-                (0x0200, "tc"),
-                (0x0100, "rd"),
-                (0x0080, "ra"),
-                (0x0020, "ad"),
-                (0x0010, "cd"),
-            ];
-            let set: Vec<&str> = names
-                .iter()
-                .filter(|(b, _)| fl & b != 0)
-                .map(|(_, n)| *n)
-                .collect();
-            (rcode_name((fl & 0xf) as u8), set.join(","))
+/// Logs a daemon-answered query (queryLogging `Log`) in CoreDNS's format.
+fn log_query(client: SocketAddr, tr: Transport, raw: &[u8], q: &Query, reply: &[u8], secs: f64) {
+    querylog::emit(
+        querylog::QueryLine {
+            client,
+            proto: tr.proto(),
+            id: q.id,
+            qtype: q.qtype,
+            qclass: q.qclass,
+            qname: q.qname.clone(),
+            size: raw.len(),
+            do_bit: q.edns.is_some_and(|e| e.do_bit),
+            edns_size: q.edns.map(|e| e.udp_size),
+            rflags: (reply.len() >= HEADER_LEN).then(|| wire::be16(reply, 2)),
+            rsize: reply.len(),
+            secs,
         }
-        None => ("-", String::new()),
-    };
-    format!(
-        "[INFO] {}:{} - {} \"{} {} {} {} {} {} {}\" {} {} {} {:.9}s",
-        f.client.ip(),
-        f.client.port(),
-        f.id,
-        type_name(f.qtype),
-        class,
-        f.name,
-        proto,
-        f.size,
-        f.do_bit,
-        f.bufsize,
-        rcode,
-        rflags,
-        f.rsize,
-        f.secs
-    )
-}
-
-/// Logs a daemon-answered query (queryLogging `Log`).
-pub fn log_query(
-    client: SocketAddr,
-    tr: Transport,
-    raw: &[u8],
-    q: &Query,
-    reply: &[u8],
-    secs: f64,
-) {
-    let (do_bit, bufsize) = q
-        .edns
-        .map_or((false, 512), |e| (e.do_bit, e.udp_size.max(512)));
-    let f = LogFields {
-        client,
-        tr,
-        id: q.id,
-        qtype: q.qtype,
-        qclass: q.qclass,
-        name: q.name_text(),
-        size: raw.len(),
-        do_bit,
-        bufsize,
-        rflags: (reply.len() >= HEADER_LEN).then(|| wire::be16(reply, 2)),
-        rsize: reply.len(),
-        secs,
-    };
-    tracing::info!("{}", log_line(&f));
+        .format(),
+    );
 }
 
 #[cfg(test)]

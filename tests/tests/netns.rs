@@ -371,6 +371,10 @@ fn query_log_covers_kernel_answered_queries() {
         t.daemon_log()
             .lines()
             .filter(|l| l.contains("[INFO] 169.254.100.2:"))
+            .inspect(|l| {
+                // A line of its own, as CoreDNS writes it: no tracing prefix.
+                assert!(l.starts_with("[INFO] 169.254.100.2:"), "{l}");
+            })
             .map(String::from)
             .collect()
     };
