@@ -5,7 +5,7 @@
 //! set to the entry TTL minus whole seconds elapsed (CoreDNS style). Daemon
 //! and kernel answers are therefore byte-identical.
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -81,6 +81,34 @@ pub struct Entry {
     /// From here on the entry is gone.
     pub stale_until_ns: u64,
     pub rcode: u8,
+    /// When the daemon last wrote this entry to the kernel map.
+    pub kernel_put: Stamp,
+}
+
+/// A time stamp (CLOCK_MONOTONIC ns) shared by the clones of an entry.
+#[derive(Debug, Default)]
+pub struct Stamp(AtomicU64);
+
+impl Clone for Stamp {
+    fn clone(&self) -> Self {
+        Stamp(AtomicU64::new(self.get()))
+    }
+}
+
+impl PartialEq for Stamp {
+    fn eq(&self, _: &Self) -> bool {
+        true // bookkeeping, not part of the answer
+    }
+}
+
+impl Stamp {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, ns: u64) {
+        self.0.store(ns, Ordering::Relaxed);
+    }
 }
 
 impl Entry {
@@ -162,6 +190,7 @@ impl Entry {
             expire_ns: now_ns + ttl as u64 * NS,
             stale_until_ns: now_ns + (ttl as u64 + stale_secs as u64) * NS,
             rcode,
+            kernel_put: Default::default(),
         })
     }
 
@@ -203,89 +232,157 @@ impl Entry {
     }
 }
 
-/// Lock shards of the userspace cache: queries on different names rarely
-/// wait for each other, and sweeping holds each lock only briefly.
-const SHARDS: usize = 32;
+/// What a userspace entry costs in weight: one unit per started
+/// [`SLOT_BYTES`] of memory, so the entry capacity is also a memory bound
+/// (a 60 KiB TCP-only answer counts as 60 small ones).
+pub const SLOT_BYTES: usize = 1024;
 
-/// One shard: the entries plus their insertion order, oldest first, for
-/// O(1) eviction (FIFO). The order may hold keys already removed (swept or
-/// flushed); they are skipped when met.
-#[derive(Default)]
-struct ShardMap {
-    map: HashMap<Key, Arc<Entry>>,
-    order: std::collections::VecDeque<Key>,
+/// Capacities of the two caches, in entries of up to [`SLOT_BYTES`] (as
+/// CoreDNS's `success` and `denial`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub success: usize,
+    pub denial: usize,
+}
+
+/// Bytes an entry holds, roughly (key, value, allocation overheads).
+fn entry_bytes(k: &Key, e: &Entry) -> usize {
+    160 + k.qname.len() + e.qname.len() + e.tail.len() + 2 * e.ttl_offsets.len()
+}
+
+#[derive(Clone)]
+struct SlotWeigher;
+
+impl quick_cache::Weighter<Key, Arc<Entry>> for SlotWeigher {
+    fn weight(&self, k: &Key, e: &Arc<Entry>) -> u64 {
+        entry_bytes(k, e).div_ceil(SLOT_BYTES) as u64
+    }
+}
+
+/// Collects the keys the cache evicts during one call, so the caller can
+/// take them out of the kernel map too.
+#[derive(Clone, Default)]
+struct Evictions;
+
+impl quick_cache::Lifecycle<Key, Arc<Entry>> for Evictions {
+    type RequestState = Vec<Key>;
+
+    fn on_evict(&self, evicted: &mut Vec<Key>, key: Key, _: Arc<Entry>) {
+        evicted.push(key);
+    }
+}
+
+type Store = quick_cache::sync::Cache<
+    Key,
+    Arc<Entry>,
+    SlotWeigher,
+    quick_cache::DefaultHashBuilder,
+    Evictions,
+>;
+
+fn store(cap: usize) -> Store {
+    let cap = cap.max(1);
+    Store::with(cap, cap as u64, SlotWeigher, Default::default(), Evictions)
+}
+
+/// Whether an entry is a denial (NXDOMAIN, or NOERROR without answers:
+/// NODATA), as CoreDNS's cache classifies it.
+pub fn is_denial(e: &Entry) -> bool {
+    e.rcode == RCODE_NXDOMAIN || e.counts[1] == 0
+}
+
+/// What a sweep found.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Past their stale window: removed.
+    pub gone: Vec<Key>,
+    /// Expired since the last sweep: still kept (stale answers) but no
+    /// longer the kernel's to serve.
+    pub expired: Vec<Key>,
 }
 
 /// The userspace cache: every cached answer, fresh or within its stale
-/// window. Bounded; a full shard drops its oldest entry.
+/// window, in two stores (success and denial) with their own capacities.
+/// Eviction is quick_cache's (CLOCK-Pro style: a name asked again and again
+/// stays, one-off names go first); evicted keys are handed back so the
+/// kernel map stays a subset of this cache.
 pub struct Cache {
-    shards: Vec<Mutex<ShardMap>>,
-    shard_cap: usize,
-    hasher: std::collections::hash_map::RandomState,
+    success: Store,
+    denial: Store,
+    /// Entries evicted for room, since start.
+    pub evictions: AtomicU64,
 }
 
 impl Cache {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(cap: Capacity) -> Self {
         Cache {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(ShardMap::default()))
-                .collect(),
-            shard_cap: capacity.div_ceil(SHARDS).max(1),
-            hasher: std::collections::hash_map::RandomState::new(),
+            success: store(cap.success),
+            denial: store(cap.denial),
+            evictions: AtomicU64::new(0),
         }
     }
 
-    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, ShardMap> {
-        use std::hash::BuildHasher;
-        let i = self.hasher.hash_one(key) as usize % SHARDS;
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn each_shard(&self) -> impl Iterator<Item = std::sync::MutexGuard<'_, ShardMap>> {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
+    fn stores_for(&self, e: &Entry) -> (&Store, &Store) {
+        if is_denial(e) {
+            (&self.denial, &self.success)
+        } else {
+            (&self.success, &self.denial)
+        }
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.shard(key).map.get(key).cloned()
+        self.success.get(key).or_else(|| self.denial.get(key))
     }
 
-    /// Inserts or replaces; returns keys evicted to make room.
+    /// Inserts or replaces; returns the keys evicted to make room.
     pub fn insert(&self, key: Key, entry: Arc<Entry>) -> Vec<Key> {
-        let mut sh = self.shard(&key);
+        let (mine, other) = self.stores_for(&entry);
+        // An answer that changed kind (NXDOMAIN now, an address before).
+        other.remove(&key);
         let mut evicted = Vec::new();
-        if let Some(slot) = sh.map.get_mut(&key) {
-            *slot = entry;
-            return evicted;
-        }
-        while sh.map.len() >= self.shard_cap {
-            let Some(old) = sh.order.pop_front() else {
-                break;
-            };
-            if sh.map.remove(&old).is_some() {
-                evicted.push(old);
-            }
-        }
-        // Keys removed by sweeps linger in `order`; rebuild it when they
-        // outnumber the live ones.
-        if sh.order.len() > 2 * self.shard_cap {
-            let live: Vec<Key> = sh
-                .order
-                .iter()
-                .filter(|k| sh.map.contains_key(*k))
-                .cloned()
-                .collect();
-            sh.order = live.into();
-        }
-        sh.order.push_back(key.clone());
-        sh.map.insert(key, entry);
+        mine.insert_with_lifecycle(key.clone(), entry, &mut evicted);
+        // An entry heavier than the whole store is refused and reported
+        // as evicted at once; it was never cached, so it is not counted
+        // (its key is still returned: an older kernel copy must go).
+        let refused = evicted.iter().filter(|k| **k == key).count() as u64;
+        self.evictions
+            .fetch_add(evicted.len() as u64 - refused, Ordering::Relaxed);
         evicted
     }
 
-    /// Removes entries past their stale window; returns their keys.
-    pub fn sweep(&self, now_ns: u64) -> Vec<Key> {
-        self.remove_where(|_, e| e.stale_until_ns <= now_ns)
+    fn remove_where(&self, f: impl Fn(&Key, &Entry) -> bool) -> Vec<Key> {
+        let gone = Mutex::new(Vec::new());
+        for s in [&self.success, &self.denial] {
+            s.retain(|k, e| {
+                let drop = f(k, e);
+                if drop {
+                    gone.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(k.clone());
+                }
+                !drop
+            });
+        }
+        gone.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes entries past their stale window and lists those that
+    /// expired in `[since_ns, now_ns)`.
+    pub fn sweep(&self, since_ns: u64, now_ns: u64) -> Swept {
+        let expired = Mutex::new(Vec::new());
+        let gone = self.remove_where(|k, e| {
+            if e.expire_ns >= since_ns && e.expire_ns < now_ns {
+                expired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(k.clone());
+            }
+            e.stale_until_ns <= now_ns
+        });
+        Swept {
+            gone,
+            expired: expired.into_inner().unwrap_or_else(|p| p.into_inner()),
+        }
     }
 
     /// Removes the entries whose key matches `f`; returns their keys.
@@ -293,36 +390,13 @@ impl Cache {
         self.remove_where(|k, _| f(k))
     }
 
-    fn remove_where(&self, f: impl Fn(&Key, &Entry) -> bool) -> Vec<Key> {
-        let mut gone = Vec::new();
-        for mut sh in self.each_shard() {
-            sh.map.retain(|k, e| {
-                let drop = f(k, e);
-                if drop {
-                    gone.push(k.clone());
-                }
-                !drop
-            });
-        }
-        gone
-    }
-
-    /// Keys of entries that expired in `[since_ns, now_ns)` (kept as stale).
-    pub fn expired_between(&self, since_ns: u64, now_ns: u64) -> Vec<Key> {
-        let mut out = Vec::new();
-        for sh in self.each_shard() {
-            out.extend(
-                sh.map
-                    .iter()
-                    .filter(|(_, e)| e.expire_ns >= since_ns && e.expire_ns < now_ns)
-                    .map(|(k, _)| k.clone()),
-            );
-        }
-        out
+    /// (success, denial) entries.
+    pub fn lens(&self) -> (usize, usize) {
+        (self.success.len(), self.denial.len())
     }
 
     pub fn len(&self) -> usize {
-        self.each_shard().map(|s| s.map.len()).sum()
+        self.success.len() + self.denial.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -360,73 +434,111 @@ pub(crate) mod tests {
         assert_eq!(parsed.opt.unwrap().edns.udp_size, wire::OUR_UDP_SIZE);
     }
 
-    #[test]
-    fn expired_between_reports_each_expiry_once() {
-        let c = Cache::new(10);
-        for (i, exp) in [10u64, 20, 30].iter().enumerate() {
-            let e = Entry {
-                qname: vec![1, b'a' + i as u8, 0],
-                flags: 0,
-                counts: [1, 0, 0, 0],
-                tail: vec![],
-                ttl_offsets: vec![],
-                ttl: 1,
-                insert_ns: 0,
-                expire_ns: *exp,
-                stale_until_ns: 100,
-                rcode: 0,
-            };
-            let key = Key {
-                view: 0,
-                flags: 0,
-                qtype: 1,
-                qclass: 1,
-                qname: e.qname.clone().into(),
-            };
-            c.insert(key, Arc::new(e));
-        }
-        let got = c.expired_between(15, 25);
-        assert_eq!(got.len(), 1);
-        assert_eq!(&*got[0].qname, &[1, b'b', 0]);
-        assert!(c.expired_between(31, 40).is_empty(), "already reported");
-        assert_eq!(c.sweep(100).len(), 3);
+    fn entry(name: &str, exp: u64, stale: u64, answers: u16, rcode: u8) -> (Key, Arc<Entry>) {
+        let mut q = vec![name.len() as u8];
+        q.extend_from_slice(name.as_bytes());
+        q.push(0);
+        let e = Entry {
+            qname: q.clone(),
+            flags: 0,
+            counts: [1, answers, 0, 0],
+            tail: vec![],
+            ttl_offsets: vec![],
+            ttl: 1,
+            insert_ns: 0,
+            expire_ns: exp,
+            stale_until_ns: stale,
+            rcode,
+            kernel_put: Default::default(),
+        };
+        let key = Key {
+            view: 0,
+            flags: 0,
+            qtype: 1,
+            qclass: 1,
+            qname: q.into(),
+        };
+        (key, Arc::new(e))
+    }
+
+    fn cap(success: usize, denial: usize) -> Capacity {
+        Capacity { success, denial }
     }
 
     #[test]
-    fn bounded_capacity_evicts_without_scanning_everything() {
-        let c = Cache::new(64);
-        let now = mono_ns();
-        for i in 0..10_000u32 {
-            let name = format!("n{i}");
-            let mut q = vec![name.len() as u8];
-            q.extend_from_slice(name.as_bytes());
-            q.push(0);
-            let e = Entry {
-                qname: q.clone(),
-                flags: 0,
-                counts: [1, 0, 0, 0],
-                tail: vec![],
-                ttl_offsets: vec![],
-                ttl: 60,
-                insert_ns: now,
-                expire_ns: now + 60_000_000_000,
-                stale_until_ns: now + 60_000_000_000,
-                rcode: 0,
-            };
-            c.insert(
-                Key {
-                    view: 0,
-                    flags: 0,
-                    qtype: 1,
-                    qclass: 1,
-                    qname: q.into(),
-                },
-                Arc::new(e),
-            );
+    fn sweep_reports_each_expiry_once_and_drops_past_stale() {
+        let c = Cache::new(cap(100, 100));
+        for (i, exp) in [10u64, 20, 30].iter().enumerate() {
+            let (k, e) = entry(&format!("n{i}"), *exp, 100, 1, 0);
+            c.insert(k, e);
         }
-        // Never more than the per-shard cap in any shard.
-        assert!(c.len() <= 64 + SHARDS, "{}", c.len());
-        assert!(c.len() >= 32);
+        let s = c.sweep(15, 25);
+        assert_eq!(s.expired.len(), 1);
+        assert_eq!(&*s.expired[0].qname, b"\x02n1\x00");
+        assert!(s.gone.is_empty());
+        assert!(c.sweep(25, 26).expired.is_empty(), "already reported");
+        assert_eq!(c.sweep(26, 100).gone.len(), 3);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn success_and_denial_have_their_own_capacity() {
+        let c = Cache::new(cap(200, 50));
+        let mut evicted = 0;
+        for i in 0..1000 {
+            let (k, e) = entry(&format!("s{i}"), u64::MAX, u64::MAX, 1, 0);
+            evicted += c.insert(k, e).len();
+            let (k, e) = entry(&format!("d{i}"), u64::MAX, u64::MAX, 0, 3);
+            evicted += c.insert(k, e).len();
+        }
+        let (s, d) = c.lens();
+        assert!((150..=200).contains(&s), "{s}");
+        assert!((30..=50).contains(&d), "{d}");
+        assert_eq!(evicted, 2000 - s - d, "every eviction is reported");
+        // An answer that changes kind moves to the other store.
+        let (k, e) = entry("s999", u64::MAX, u64::MAX, 0, 3);
+        let _ = c.insert(k.clone(), e);
+        assert!(c.get(&k).is_some_and(|e| is_denial(&e)));
+        assert!(c.success.get(&k).is_none());
+    }
+
+    #[test]
+    fn names_asked_again_outlive_one_off_names() {
+        let c = Cache::new(cap(100, 1));
+        let hot: Vec<_> = (0..20)
+            .map(|i| entry(&format!("hot{i}"), u64::MAX, u64::MAX, 1, 0))
+            .collect();
+        for (k, e) in &hot {
+            c.insert(k.clone(), e.clone());
+        }
+        // A flood of one-off names while the hot ones are asked all along.
+        for i in 0..5000 {
+            let (k, e) = entry(&format!("once{i}"), u64::MAX, u64::MAX, 1, 0);
+            c.insert(k, e);
+            let _ = c.get(&hot[i % hot.len()].0);
+        }
+        let kept = hot.iter().filter(|(k, _)| c.get(k).is_some()).count();
+        assert!(kept >= 18, "only {kept} of 20 hot names kept");
+    }
+
+    #[test]
+    fn big_entries_weigh_more() {
+        let c = Cache::new(cap(10, 1));
+        let (k, e) = entry("big", u64::MAX, u64::MAX, 1, 0);
+        let mut big = (*e).clone();
+        big.tail = vec![0; 5 * SLOT_BYTES];
+        c.insert(k, Arc::new(big));
+        for i in 0..3 {
+            let (k, e) = entry(&format!("n{i}"), u64::MAX, u64::MAX, 1, 0);
+            c.insert(k, e);
+        }
+        // 6 units for the big one, 3 small: all fit in 10; 3 more do not.
+        assert_eq!(c.len(), 4);
+        for i in 3..6 {
+            let (k, e) = entry(&format!("n{i}"), u64::MAX, u64::MAX, 1, 0);
+            c.insert(k, e);
+        }
+        assert!(c.len() < 7, "{}", c.len());
     }
 
     #[test]

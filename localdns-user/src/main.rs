@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use localdns_common::{CacheKey, CacheValue, KEY_F_CD, KEY_F_DO, KEY_F_EDNS, VIEW_KUBE, VIEW_VNET};
 use localdns_user::addrs;
-use localdns_user::cache::mono_ns;
+use localdns_user::cache::{Capacity, mono_ns};
 use localdns_user::config::{self, Mode};
 use localdns_user::corefile;
 use localdns_user::fastpath::attach::Change;
@@ -151,9 +151,18 @@ struct RunArgs {
     /// Seconds a TCP client connection may stay idle before it is closed.
     #[arg(long, default_value_t = 10.0)]
     tcp_idle_timeout: f64,
-    /// Capacity of the kernel cache map.
+    /// Capacity of the kernel cache map (entries of 1.6 KiB, preallocated,
+    /// charged to the daemon's memory cgroup).
     #[arg(long, default_value_t = localdns_common::CACHE_MAP_ENTRIES)]
     fastpath_entries: u32,
+    /// Userspace cache capacity for answers (CoreDNS `success`), in entries
+    /// of up to 1 KiB (larger answers count as several).
+    #[arg(long, default_value_t = 30_000)]
+    cache_success: usize,
+    /// Userspace cache capacity for NXDOMAIN/NODATA answers (CoreDNS
+    /// `denial`).
+    #[arg(long, default_value_t = 10_000)]
+    cache_denial: usize,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -331,7 +340,11 @@ async fn serve(
     }
     let patterns = Patterns::new(&args.ifaces)?;
     let fastpath = start_fastpath(&args)?;
-    let res = Resolver::new(&cfg, &vnet, &cluster, fastpath.clone());
+    let cap = Capacity {
+        success: args.cache_success,
+        denial: args.cache_denial,
+    };
+    let res = Resolver::new(&cfg, &vnet, &cluster, fastpath.clone(), cap);
     if let Some(fp) = &fastpath {
         if fp.origin == Origin::Adopted {
             let (kept, dropped) = res.adopt(fp.entries());

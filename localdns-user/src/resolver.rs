@@ -13,7 +13,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use localdns_common::VIEW_KUBE;
 
-use crate::cache::{Cache, Entry, Key, mono_ns};
+use crate::cache::{Cache, Capacity, Entry, Key, mono_ns};
 use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone, ZoneSettings};
 use crate::fastpath::Fastpath;
 use crate::forward::{ForwardError, Forwarder, Upstream};
@@ -89,6 +89,7 @@ impl Resolver {
         vnet_upstreams: &[SocketAddr],
         cluster_upstreams: &[SocketAddr],
         fastpath: Option<Arc<Fastpath>>,
+        capacity: Capacity,
     ) -> Arc<Self> {
         // One Upstream (and TCP connection) per address, shared by zones and
         // kept across reloads.
@@ -102,7 +103,7 @@ impl Resolver {
             views: RwLock::new(Arc::new(views)),
             vnet_upstreams: vnet,
             cluster_upstreams: cluster,
-            cache: Cache::new(200_000),
+            cache: Cache::new(capacity),
             fastpath,
             refreshing: Mutex::new(HashSet::new()),
             flights: DashMap::new(),
@@ -235,6 +236,7 @@ impl Resolver {
         };
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+        self.back_to_kernel(&Key::of(view, &q), &e, now);
         Ok(out)
     }
 
@@ -271,6 +273,9 @@ impl Resolver {
         if let Some(e) = &cached {
             if e.is_fresh(now) {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                if tr == Transport::Udp && zone.zone.settings.query_logging != QueryLogging::Log {
+                    self.back_to_kernel(&key, e, now);
+                }
                 return self.render(e, raw, q, now, max);
             }
             if zone.zone.settings.serve_stale == ServeStale::Immediate {
@@ -387,6 +392,7 @@ impl Resolver {
                 let e = Arc::new(e);
                 if let Some(fp) = &self.fastpath {
                     fp.put(&key, &e, s.query_logging == QueryLogging::Log);
+                    e.kernel_put.set(mono_ns());
                 }
                 for gone in self.cache.insert(key, e.clone()) {
                     if let Some(fp) = &self.fastpath {
@@ -424,18 +430,29 @@ impl Resolver {
         });
     }
 
+    /// A fresh entry the daemon answered over UDP although the kernel could
+    /// have: the kernel map lost it (its LRU is smaller than this cache), so
+    /// it goes back, at most once a second per entry.
+    fn back_to_kernel(&self, key: &Key, e: &Entry, now: u64) {
+        let Some(fp) = &self.fastpath else {
+            return;
+        };
+        if now.saturating_sub(e.kernel_put.get()) < 1_000_000_000 {
+            return;
+        }
+        e.kernel_put.set(now);
+        fp.put(key, e, false);
+    }
+
     /// Drops entries past their stale window, and takes entries that
     /// expired since the last sweep out of the kernel map (the kernel refuses
     /// expired entries anyway; this frees LRU room, once per entry).
     pub fn sweep(&self) {
         let now = mono_ns();
         let since = self.last_sweep_ns.swap(now, Ordering::Relaxed);
-        let gone = self.cache.sweep(now);
+        let swept = self.cache.sweep(since, now);
         if let Some(fp) = &self.fastpath {
-            for k in gone
-                .iter()
-                .chain(self.cache.expired_between(since, now).iter())
-            {
+            for k in swept.gone.iter().chain(swept.expired.iter()) {
                 fp.remove(k);
             }
         }
@@ -548,6 +565,7 @@ mod tests {
             expire_ns: mono_ns() + 60_000_000_000,
             stale_until_ns: mono_ns() + 60_000_000_000,
             rcode: 0,
+            kernel_put: Default::default(),
         })
     }
 
@@ -566,7 +584,11 @@ mod tests {
         let before = crate::config::parse(crate::config::DEFAULT_CONFIG)
             .unwrap()
             .config;
-        let r = Resolver::new(&before, &[], &[], None);
+        let cap = Capacity {
+            success: 1000,
+            denial: 1000,
+        };
+        let r = Resolver::new(&before, &[], &[], None, cap);
         let www = b"\x03www\x07example\x04test\x00".as_slice();
         let svc = b"\x03svc\x07cluster\x05local\x00".as_slice();
         for (view, name) in [

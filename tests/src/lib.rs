@@ -2,6 +2,7 @@
 //! builders with independent (reference) checksums, and guards that build
 //! and always tear down network namespaces and processes.
 
+pub mod cgroup;
 pub mod client;
 pub mod fake;
 pub mod load;

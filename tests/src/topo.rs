@@ -207,7 +207,19 @@ impl Topo {
     /// Another daemon instance on this node (same pin path), logging to
     /// `log`; returns once it is ready. For restarts and hand-overs.
     pub fn spawn_daemon(&self, extra: &[&str], log: &str) -> Proc {
+        self.spawn_daemon_with(extra, log, |_| {})
+    }
+
+    /// [`Topo::spawn_daemon`] with `adjust` applied to the command first
+    /// (e.g. to start it inside a cgroup).
+    pub fn spawn_daemon_with(
+        &self,
+        extra: &[&str],
+        log: &str,
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> Proc {
         let mut cmd = self.node.cmd(daemon_bin().to_str().unwrap());
+        adjust(&mut cmd);
         cmd.args(["--metrics", "none", "--health", "none"]);
         cmd.args(["--pin-path", &self.pin_path()]);
         cmd.args(extra);

@@ -140,6 +140,7 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
         expire_ns: v.expire_ns,
         stale_until_ns: v.expire_ns,
         rcode: (flags & 0xf) as u8,
+        kernel_put: Default::default(),
     };
     // Only what this daemon would have written itself.
     (value(&entry).ok()?.csum_partial == v.csum_partial).then_some((key, entry))
