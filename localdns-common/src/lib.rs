@@ -24,7 +24,8 @@ pub const MAP_CACHE: &str = "LDNS_CACHE";
 /// - key: `u32` index, one of the `STAT_*` constants; value: `u64` count
 /// - writer: XDP/TC program (per CPU, no atomics needed); reader: daemon,
 ///   `localdns-user cache stats`, `bpftool map dump`
-/// - capacity: [`STAT_COUNT`]; eviction: none (array)
+/// - capacity: [`STAT_ENTRIES`]: reasons, then per stat slot and family
+///   ([`STAT_ZONE_BASE`]); eviction: none (array)
 pub const MAP_STATS: &str = "LDNS_STATS";
 /// Scratch map name (BTF per-CPU array, one [`Scratch`]).
 ///
@@ -52,7 +53,7 @@ pub const MAP_META: &str = "LDNS_META";
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
@@ -222,7 +223,9 @@ pub struct CacheValue {
     pub qname_len: u16,
     /// 1: emit a [`LogEvent`] for every hit (zone has `queryLogging: Log`).
     pub log: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// Stat slot of the entry's answers (see [`STAT_ZONE_BASE`]).
+    pub stat: u16,
     /// Offsets of TTL fields from the start of the tail, host byte order.
     pub ttl_off: [u16; MAX_TTLS],
     /// `data[..qname_len]`: the lower-cased wire qname, checked against the
@@ -252,7 +255,8 @@ impl CacheValue {
             ttl_odd: 0,
             qname_len: 0,
             log: 0,
-            _pad: [0; 3],
+            _pad: 0,
+            stat: 0,
             ttl_off: [0; MAX_TTLS],
             data: [0; DATA_LEN],
         }
@@ -382,8 +386,19 @@ pub const STAT_PASS_ROOM: u32 = 14;
 /// Answered with TC=1 (the cached reply is larger than the client's UDP
 /// size): the client retries over TCP.
 pub const STAT_TRUNCATED: u32 = 15;
-/// Number of counters.
+/// Number of counters by reason.
 pub const STAT_COUNT: u32 = 16;
+
+/// Kernel answers are counted per stat slot (zone, query type, kind of
+/// answer; handed out by the daemon and stored in [`CacheValue::stat`]) and
+/// address family, at `STAT_ZONE_BASE + slot * 2 + is_ipv6`, instead of
+/// under [`STAT_HIT`]: one counter update per hit. `hit` is their sum minus
+/// [`STAT_TRUNCATED`] (TC=1 replies count in their slot too).
+pub const STAT_ZONE_BASE: u32 = STAT_COUNT;
+/// Stat slots (a power of two: the program masks the slot).
+pub const MAX_STAT_SLOTS: u32 = 512;
+/// Entries of [`MAP_STATS`].
+pub const STAT_ENTRIES: u32 = STAT_ZONE_BASE + 2 * MAX_STAT_SLOTS;
 
 /// Counter names, indexed by `STAT_*`, for `cache stats` and metrics.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [

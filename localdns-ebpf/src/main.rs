@@ -27,8 +27,9 @@ use aya_ebpf::{
 };
 use localdns_common::{
     CACHE_MAP_ENTRIES, CacheKey, CacheValue, KEY_F_EDNS, LOG_RING_BYTES, LogEvent, MAX_LISTEN,
-    MAX_QNAME, META_NEEDS_ROOM, Meta, STAT_COUNT, STAT_HIT, STAT_LOG_DROPPED, STAT_MISS,
-    STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM, STAT_TRUNCATED, Scratch, csum_fold,
+    MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta, STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS,
+    STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM, STAT_TRUNCATED, STAT_ZONE_BASE, Scratch,
+    csum_fold,
 };
 
 use answer::Verdict;
@@ -41,7 +42,7 @@ use query::{IP_OFF, Listeners, MAX_QUERY, Off, Query};
 static LDNS_CACHE: LruHashMap<CacheKey, CacheValue, { CACHE_MAP_ENTRIES as usize }> =
     LruHashMap::new();
 #[btf_map]
-static LDNS_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+static LDNS_STATS: PerCpuArray<u64, { STAT_ENTRIES as usize }> = PerCpuArray::new();
 #[btf_map]
 static LDNS_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 #[btf_map]
@@ -139,17 +140,30 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
         Err(stat) => return Verdict::Pass(stat),
     };
     if fresh.truncate {
-        return answer::truncated::<P, V6>(p, &q, v, &fresh);
+        let verdict = answer::truncated::<P, V6>(p, &q, v, &fresh);
+        count_answer::<V6>(&verdict, v);
+        return verdict;
     }
     let stamp = match answer::checksum::<P, V6>(p, &q, v, &fresh) {
         Ok(s) => s,
         Err(stat) => return Verdict::Pass(stat),
     };
     let verdict = answer::rewrite::<P, V6>(p, &q, v, &fresh, &stamp, scratch, global(&LDNS_FAULT));
+    count_answer::<V6>(&verdict, v);
     if matches!(verdict, Verdict::Reply { .. }) && v.log != 0 {
         log_hit::<P, V6>(p, &q, now, fresh.dns_len, u16::from_be(stamp.rflags));
     }
     verdict
+}
+
+/// Counts an answer under the entry's stat slot and the family: the only
+/// counter update of a hit (see `STAT_ZONE_BASE`).
+#[inline(always)]
+fn count_answer<const V6: bool>(verdict: &Verdict, v: &CacheValue) {
+    if matches!(verdict, Verdict::Reply { .. }) {
+        let slot = u32::from(v.stat) & (MAX_STAT_SLOTS - 1);
+        count(STAT_ZONE_BASE + (slot << 1) + u32::from(V6));
+    }
 }
 
 /// Emits a query-log event straight into the ring buffer (no stack copy).
@@ -218,7 +232,8 @@ fn log_hit<P: Packet, const V6: bool>(p: &P, q: &Query, now: u64, reply_len: usi
 #[inline(always)]
 fn account(v: &Verdict) {
     match v {
-        Verdict::Reply { truncated: false } => count(STAT_HIT),
+        // Hits were counted under their stat slot already.
+        Verdict::Reply { truncated: false } => {}
         Verdict::Reply { truncated: true } => count(STAT_TRUNCATED),
         Verdict::Pass(stat) | Verdict::Drop(stat) => count(*stat),
     }

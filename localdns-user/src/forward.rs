@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::cache::mono_ns;
 use crate::config::{Policy, Protocol};
+use crate::metrics::metrics;
 use crate::validate;
 use crate::wire::{self, F_TC, Query};
 
@@ -92,6 +93,8 @@ impl ForwardError {
 /// One upstream server: its health and its TCP connection.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// `to` label of the forward metrics.
+    label: &'static str,
     conn: tokio::sync::Mutex<Option<Arc<TcpConn>>>,
     fails: AtomicU32,
     down: AtomicBool,
@@ -105,6 +108,7 @@ impl Upstream {
     pub fn new(addr: SocketAddr) -> Arc<Self> {
         Arc::new(Upstream {
             addr,
+            label: crate::metrics::intern(&addr.to_string()),
             conn: tokio::sync::Mutex::new(None),
             fails: AtomicU32::new(0),
             down: AtomicBool::new(false),
@@ -147,6 +151,10 @@ impl Upstream {
                 }
                 Err(e) => {
                     self.health_failures.fetch_add(1, Ordering::Relaxed);
+                    metrics()
+                        .fwd_health_failures
+                        .get_or_create(&crate::metrics::ToLabels { to: self.label })
+                        .inc();
                     tracing::debug!(upstream = %self.addr, error = %e, "health check failed");
                 }
             }
@@ -162,17 +170,20 @@ impl Upstream {
         deadline: Instant,
     ) -> Result<Vec<u8>, ForwardError> {
         self.sent.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let r = match proto {
-            Protocol::ForceTcp => self.exchange_tcp(q, deadline).await?,
-            Protocol::PreferUdp => {
-                let r = self.exchange_udp(q, deadline).await?;
-                if wire::be16(&r, 2) & F_TC != 0 {
-                    self.exchange_tcp(q, deadline).await?
-                } else {
-                    r
-                }
-            }
+            Protocol::ForceTcp => self.exchange_tcp(q, deadline).await,
+            Protocol::PreferUdp => match self.exchange_udp(q, deadline).await {
+                Ok(r) if wire::be16(&r, 2) & F_TC != 0 => self.exchange_tcp(q, deadline).await,
+                other => other,
+            },
         };
+        metrics().forwarded(
+            self.label,
+            r.as_ref().ok().map(|r| u16::from(r[3] & 0xf)),
+            started.elapsed(),
+        );
+        let r = r?;
         validate::upstream_reply(&r).map_err(|source| ForwardError::Malformed {
             addr: self.addr,
             source,
@@ -471,6 +482,10 @@ impl Forwarder {
             return Err(ForwardError::NoUpstream);
         }
         let order = self.order();
+        if order.iter().all(|u| u.is_down()) {
+            // CoreDNS counts a forward with every upstream down as "broken".
+            metrics().fwd_health_broken.inc();
+        }
         let end = Instant::now() + TOTAL_TIMEOUT;
         let mut last = None;
         // Upstreams that sent garbage are not asked again for this query.

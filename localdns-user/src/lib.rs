@@ -11,5 +11,6 @@ pub mod listen;
 pub mod metrics;
 pub mod querylog;
 pub mod resolver;
+pub mod service;
 pub mod validate;
 pub mod wire;

@@ -309,7 +309,7 @@ async fn handle_datagram(
     let raw = &buf[..n];
     // Hits are answered inline; everything else gets its own task, with
     // the query as already parsed.
-    let parsed = match ctx.res.answer_cached(view, raw) {
+    let parsed = match ctx.res.answer_cached(view, raw, peer) {
         Ok(out) => {
             let _ = sock.send_to(&out, peer).await;
             return;
@@ -345,6 +345,7 @@ pub async fn serve_tcp(listener: TcpListener, view: u8, ctx: Ctx) {
                     tokio::spawn(tcp_conn(stream, peer, view, ctx.clone(), slot));
                 }
                 None => {
+                    crate::metrics::metrics().tcp_refused.inc();
                     tracing::debug!(client = %peer, open = ctx.tcp.open(), "tcp connection over the limits closed");
                     drop(stream);
                 }

@@ -21,6 +21,7 @@ use localdns_user::listen::{self, Ctx, InFlight};
 use localdns_user::metrics::{self, Health};
 use localdns_user::querylog::{self, type_name};
 use localdns_user::resolver::Resolver;
+use localdns_user::service;
 use localdns_user::wire::name_to_text;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -128,9 +129,10 @@ struct RunArgs {
     /// Prometheus metrics address ("none" to disable).
     #[arg(long, default_value = ":9253")]
     metrics: String,
-    /// /health and /ready address ("none" to disable).
-    #[arg(long, default_value = "169.254.10.10:8181")]
-    health: String,
+    /// /health and /ready address, repeatable ("none" to disable); AKS
+    /// probes 169.254.10.10:8181/ready.
+    #[arg(long, default_values_t = vec!["169.254.10.10:8181".to_string(), "169.254.10.11:8181".to_string()])]
+    health: Vec<String>,
     #[arg(long, default_value = "/sys/fs/bpf/localdns")]
     pin_path: PathBuf,
     /// The kernel fast path: `auto` runs userspace-only (with an error line
@@ -363,9 +365,11 @@ async fn serve(
         }
         log_changes(&fp.reconcile(&patterns.select(&all)));
     }
-    let health = Arc::new(Health {
-        ready: false.into(),
-    });
+    let health = Arc::new(Health::default());
+    metrics::metrics().set_servers(&listeners);
+    metrics::metrics()
+        .kernel_up
+        .set(i64::from(fastpath.is_some()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let inflight = Arc::new(InFlight::default());
     let ctx = Ctx {
@@ -388,14 +392,42 @@ async fn serve(
         }
     }
     let mut tasks = Vec::new();
-    for a in [listen_addr(&args.metrics)?, listen_addr(&args.health)?]
-        .into_iter()
-        .flatten()
-    {
-        match metrics::bind(a).await {
-            Ok(l) => tasks.push(tokio::spawn(metrics::serve(l, res.clone(), health.clone()))),
-            Err(e) => tracing::warn!(addr = %a, error = %e, "metrics/health listener not started"),
+    let router = metrics::router(
+        health.clone(),
+        {
+            let res = res.clone();
+            Arc::new(move || res.ready_check())
+        },
+        {
+            let (res, fp) = (res.clone(), fastpath.clone());
+            let first = std::sync::atomic::AtomicBool::new(true);
+            // The counters pinned maps hold from earlier instances are the
+            // starting point, not news.
+            let refresh =
+                move || refresh_metrics(&res, fp.as_deref(), first.swap(false, Ordering::Relaxed));
+            refresh();
+            Arc::new(refresh)
+        },
+    );
+    let mut http = vec![listen_addr(&args.metrics)?];
+    http.extend(
+        args.health
+            .iter()
+            .map(|h| listen_addr(h))
+            .collect::<Result<Vec<_>>>()?,
+    );
+    let mut seen = Vec::new();
+    for a in http.into_iter().flatten() {
+        if seen.contains(&a) {
+            continue;
         }
+        seen.push(a);
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(a, router).await {
+                tracing::warn!(addr = %a, error = %e, "metrics/health listener not started");
+            }
+        }));
     }
     if let Some(fp) = &fastpath {
         let fp2 = fp.clone();
@@ -416,7 +448,19 @@ async fn serve(
             sweeper.sweep();
         }
     }));
-    health.ready.store(true, Ordering::Relaxed);
+    // Ready means answering: the daemon asks itself the health-check name
+    // through its first listener before it says so (to systemd too).
+    let probe_at = SocketAddr::new(listeners[0].0, 53);
+    let mut attempt = 0u32;
+    while let Err(e) = service::self_check(probe_at, Duration::from_secs(1)).await {
+        attempt += 1;
+        if attempt % 5 == 1 {
+            tracing::error!(error = %e, "not answering its own health check yet");
+        }
+    }
+    health.started.store(true, Ordering::Relaxed);
+    service::ready();
+    tasks.push(tokio::spawn(service::watchdog(probe_at)));
     tracing::info!(
         vnet = ?args.vnet_listen, kube = ?args.kube_listen,
         vnet_upstreams = ?vnet, cluster_upstreams = ?cluster,
@@ -438,7 +482,8 @@ async fn serve(
     tracing::info!(
         "stopping: leaving the listeners to any successor, answering queries in flight; the kernel fast path stays"
     );
-    health.ready.store(false, Ordering::Relaxed);
+    health.stopping.store(true, Ordering::Relaxed);
+    service::stopping();
     for t in &tasks {
         t.abort();
     }
@@ -572,6 +617,27 @@ fn log_kernel_hit(ev: &localdns_common::LogEvent) {
         }
         .format(),
     );
+}
+
+/// Scrape-time values: cache sizes, evictions, what the kernel counted.
+fn refresh_metrics(res: &Resolver, fp: Option<&Fastpath>, first: bool) {
+    let m = metrics::metrics();
+    let (success, denial) = res.cache.lens();
+    for (kind, n) in [("success", success), ("denial", denial)] {
+        m.cache_entries
+            .get_or_create(&metrics::KindLabels { r#type: kind })
+            .set(n as i64);
+    }
+    let ev = res.cache.evictions.load(Ordering::Relaxed);
+    m.cache_evictions
+        .inc_by(ev.saturating_sub(m.cache_evictions.get()));
+    let dropped = querylog::DROPPED.load(Ordering::Relaxed);
+    m.log_dropped
+        .inc_by(dropped.saturating_sub(m.log_dropped.get()));
+    if let Some(fp) = fp {
+        m.sync_kernel(&fp.slot_counts(), &fp.stats(), first);
+        m.kernel_entries.set(fp.kernel_entries() as i64);
+    }
 }
 
 /// SIGHUP: re-read --config; apply it if valid, else keep the old one.

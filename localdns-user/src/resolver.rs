@@ -13,10 +13,11 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use localdns_common::VIEW_KUBE;
 
-use crate::cache::{Cache, Capacity, Entry, Key, mono_ns};
+use crate::cache::{Cache, Capacity, Entry, Key, is_denial, mono_ns};
 use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone, ZoneSettings};
 use crate::fastpath::Fastpath;
 use crate::forward::{ForwardError, Forwarder, Upstream};
+use crate::metrics::{Answered, SlotKey, intern, metrics, type_label};
 use crate::querylog;
 use crate::wire::{
     self, HEADER_LEN, Query, RCODE_FORMERR, RCODE_NOTIMP, RCODE_REFUSED, RCODE_SERVFAIL, WireError,
@@ -40,7 +41,29 @@ impl Transport {
 
 struct ZoneRt {
     zone: Zone,
+    /// The zone as CoreDNS's metrics label it: "." or "cluster.local.".
+    label: &'static str,
     fwd: Arc<Forwarder>,
+}
+
+/// `health-check.localdns.local`: AKS's DNS probe, answered locally with
+/// CoreDNS `whoami` semantics (never forwarded, never cached).
+const HEALTH_CHECK_NAME: &[u8] = b"\x0chealth-check\x08localdns\x05local\x00";
+
+/// The kernel stat slot for entries of `key` in `zone` (see
+/// `localdns_common::STAT_ZONE_BASE`).
+fn stat_slot(key: &Key, zone: &'static str, e: &Entry) -> u16 {
+    let kind = if e.rcode == wire::RCODE_NXDOMAIN {
+        2
+    } else {
+        u8::from(is_denial(e))
+    };
+    metrics().slot(SlotKey {
+        view: key.view,
+        zone,
+        qtype: type_label(key.qtype),
+        kind,
+    })
 }
 
 /// How long serveStale Verify waits for the upstream before it serves the
@@ -153,7 +176,8 @@ impl Resolver {
         let views = self.views();
         let (mut kept, mut dropped) = (0, 0);
         for (key, mut e) in entries {
-            let s = &find_zone(&views, key.view, &key.qname).zone.settings;
+            let z = find_zone(&views, key.view, &key.qname);
+            let s = &z.zone.settings;
             if e.ttl > s.cache_secs {
                 if let Some(fp) = &self.fastpath {
                     fp.remove(&key);
@@ -163,7 +187,8 @@ impl Resolver {
             }
             e.stale_until_ns = e.expire_ns + u64::from(s.stale_secs) * 1_000_000_000;
             if let Some(fp) = &self.fastpath {
-                fp.put(&key, &e, s.query_logging == QueryLogging::Log);
+                let slot = stat_slot(&key, z.label, &e);
+                fp.put(&key, &e, s.query_logging == QueryLogging::Log, slot);
             }
             for gone in self.cache.insert(key, Arc::new(e)) {
                 if let Some(fp) = &self.fastpath {
@@ -207,7 +232,25 @@ impl Resolver {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let views = self.views();
         let zone = find_zone(&views, view, &q.qname_lower);
-        let reply = self.answer(view, raw, &q, zone, tr).await;
+        let (reply, plugin) = if q.qname_lower == HEALTH_CHECK_NAME {
+            (whoami(raw, &q, client, tr), "whoami")
+        } else {
+            self.answer(view, raw, &q, zone, client, tr).await
+        };
+        metrics().answered(&Answered {
+            view,
+            zone: zone.label,
+            client: &client,
+            proto: tr.proto(),
+            qtype: q.qtype,
+            rcode: if reply.len() >= HEADER_LEN {
+                u16::from(reply[3] & 0xf)
+            } else {
+                RCODE_SERVFAIL.into()
+            },
+            plugin,
+            took: start.elapsed(),
+        });
         if zone.zone.settings.query_logging == QueryLogging::Log {
             log_query(client, tr, raw, &q, &reply, start.elapsed().as_secs_f64());
         }
@@ -217,14 +260,21 @@ impl Resolver {
     /// The cached answer, without touching the network: lets the UDP loop
     /// answer hits inline. Otherwise it hands back what it parsed (the
     /// async path then does not parse again); `Err(None)`: not parseable.
-    pub fn answer_cached(&self, view: u8, raw: &[u8]) -> Result<Vec<u8>, Option<Query>> {
+    pub fn answer_cached(
+        &self,
+        view: u8,
+        raw: &[u8],
+        client: SocketAddr,
+    ) -> Result<Vec<u8>, Option<Query>> {
+        let start = Instant::now();
         let q = wire::parse_query(raw).map_err(|_| None)?;
         let views = self.views();
         let zone = find_zone(&views, view, &q.qname_lower);
         if zone.zone.settings.query_logging == QueryLogging::Log {
             return Err(Some(q));
         }
-        let Some(e) = self.cache.get(&Key::of(view, &q)) else {
+        let key = Key::of(view, &q);
+        let Some(e) = self.cache.get(&key) else {
             return Err(Some(q));
         };
         let now = mono_ns();
@@ -236,7 +286,19 @@ impl Resolver {
         };
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-        self.back_to_kernel(&Key::of(view, &q), &e, now);
+        self.back_to_kernel(&key, &e, zone.label, now);
+        let m = metrics();
+        m.cache_lookup(view, client.is_ipv6(), zone.label, Some(is_denial(&e)));
+        m.answered(&Answered {
+            view,
+            zone: zone.label,
+            client: &client,
+            proto: querylog::Proto::Udp,
+            qtype: q.qtype,
+            rcode: e.rcode.into(),
+            plugin: "cache",
+            took: start.elapsed(),
+        });
         Ok(out)
     }
 
@@ -255,35 +317,44 @@ impl Resolver {
         }
     }
 
+    /// The reply, and which part of the service gave it (the `plugin` label
+    /// of CoreDNS's response counter).
     async fn answer(
         self: &Arc<Self>,
         view: u8,
         raw: &[u8],
         q: &Query,
         zone: &ZoneRt,
+        client: SocketAddr,
         tr: Transport,
-    ) -> Vec<u8> {
+    ) -> (Vec<u8>, &'static str) {
         let max = match tr {
             Transport::Udp => q.max_udp(),
             Transport::Tcp => 65535,
         };
+        let m = metrics();
+        let v6 = client.is_ipv6();
         let key = Key::of(view, q);
         let now = mono_ns();
         let cached = self.cache.get(&key).filter(|e| now < e.stale_until_ns);
         if let Some(e) = &cached {
             if e.is_fresh(now) {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                m.cache_lookup(view, v6, zone.label, Some(is_denial(e)));
                 if tr == Transport::Udp && zone.zone.settings.query_logging != QueryLogging::Log {
-                    self.back_to_kernel(&key, e, now);
+                    self.back_to_kernel(&key, e, zone.label, now);
                 }
-                return self.render(e, raw, q, now, max);
+                return (self.render(e, raw, q, now, max), "cache");
             }
             if zone.zone.settings.serve_stale == ServeStale::Immediate {
                 self.refresh_in_background(view, q.clone(), key.clone());
                 self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
-                return self.render(e, raw, q, now, max);
+                m.cache_lookup(view, v6, zone.label, Some(is_denial(e)));
+                m.stale(view, v6, zone.label);
+                return (self.render(e, raw, q, now, max), "cache");
             }
         }
+        m.cache_lookup(view, v6, zone.label, None);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let fetch = self.forward_and_store(zone, q, key);
         // serveStale Verify with a stale answer at hand: the upstream gets
@@ -295,39 +366,46 @@ impl Resolver {
                     Ok(r) => r,
                     Err(_) => {
                         self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
-                        return self.render(e, raw, q, mono_ns(), max);
+                        m.stale(view, v6, zone.label);
+                        return (self.render(e, raw, q, mono_ns(), max), "cache");
                     }
                 }
             }
             _ => fetch.await,
         };
         match fetched {
-            Ok(Stored::Entry(e)) => self.render(&e, raw, q, mono_ns(), max),
+            Ok(Stored::Entry(e)) => (self.render(&e, raw, q, mono_ns(), max), "forward"),
             Ok(Stored::Relay(resp)) => {
                 let stale_ok = zone.zone.settings.serve_stale != ServeStale::Disable;
                 if let (Some(e), true, RCODE_SERVFAIL) = (&cached, stale_ok, wire::rcode(&resp)) {
                     self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
-                    return self.render(e, raw, q, mono_ns(), max);
+                    m.stale(view, v6, zone.label);
+                    return (self.render(e, raw, q, mono_ns(), max), "cache");
                 }
-                relay(&resp, raw, q, max)
+                (relay(&resp, raw, q, max), "forward")
             }
             Err(err) if matches!(*err, ForwardError::Overloaded { .. }) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                m.fwd_max_concurrent_rejects.inc();
                 tracing::debug!(zone = %zone.zone.text, %err, "maxConcurrent reached: REFUSED");
-                wire::error_reply(raw, Some(q), RCODE_REFUSED, false).unwrap_or_default()
+                let r = wire::error_reply(raw, Some(q), RCODE_REFUSED, false).unwrap_or_default();
+                (r, "forward")
             }
             Err(err) => {
                 if err.is_malformed() {
                     self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    m.malformed_replies.inc();
                 }
                 let stale_ok = zone.zone.settings.serve_stale != ServeStale::Disable;
                 if let (Some(e), true) = (&cached, stale_ok) {
                     self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
-                    return self.render(e, raw, q, mono_ns(), max);
+                    m.stale(view, v6, zone.label);
+                    return (self.render(e, raw, q, mono_ns(), max), "cache");
                 }
                 self.counters.servfail.fetch_add(1, Ordering::Relaxed);
                 querylog::emit(querylog::error_line(2, &q.qname, q.qtype, &err));
-                wire::error_reply(raw, Some(q), RCODE_SERVFAIL, false).unwrap_or_default()
+                let r = wire::error_reply(raw, Some(q), RCODE_SERVFAIL, false).unwrap_or_default();
+                (r, "forward")
             }
         }
     }
@@ -352,17 +430,21 @@ impl Resolver {
                 f.get().clone()
             }
             MapEntry::Vacant(v) => {
-                let (me, fwd, s, q, k) = (
+                let (me, fwd, s, label, q, k) = (
                     self.clone(),
                     zone.fwd.clone(),
                     zone.zone.settings.clone(),
+                    zone.label,
                     q.clone(),
                     key.clone(),
                 );
                 // A task of its own: it finishes (and stores) even when every
                 // waiter has given up, then retires itself from the map.
                 let task = tokio::spawn(async move {
-                    let r = me.fetch(&fwd, &s, &q, k.clone()).await.map_err(Arc::new);
+                    let r = me
+                        .fetch(&fwd, &s, label, &q, k.clone())
+                        .await
+                        .map_err(Arc::new);
                     me.flights.remove(&k);
                     r
                 });
@@ -383,6 +465,7 @@ impl Resolver {
         &self,
         fwd: &Forwarder,
         s: &ZoneSettings,
+        label: &'static str,
         q: &Query,
         key: Key,
     ) -> Result<Stored, ForwardError> {
@@ -391,7 +474,8 @@ impl Resolver {
             Ok(e) => {
                 let e = Arc::new(e);
                 if let Some(fp) = &self.fastpath {
-                    fp.put(&key, &e, s.query_logging == QueryLogging::Log);
+                    let slot = stat_slot(&key, label, &e);
+                    fp.put(&key, &e, s.query_logging == QueryLogging::Log, slot);
                     e.kernel_put.set(mono_ns());
                 }
                 for gone in self.cache.insert(key, e.clone()) {
@@ -430,10 +514,27 @@ impl Resolver {
         });
     }
 
+    /// Readiness (`/ready`): every view has at least one upstream that is
+    /// not marked down.
+    pub fn ready_check(&self) -> Result<(), String> {
+        let views = self.views();
+        for (i, zones) in views.iter().enumerate() {
+            let up = zones
+                .iter()
+                .flat_map(|z| z.fwd.upstreams.iter())
+                .any(|u| !u.is_down());
+            if !up {
+                let name = if i == 0 { "vnet" } else { "kube" };
+                return Err(format!("no healthy upstream for the {name} view"));
+            }
+        }
+        Ok(())
+    }
+
     /// A fresh entry the daemon answered over UDP although the kernel could
     /// have: the kernel map lost it (its LRU is smaller than this cache), so
     /// it goes back, at most once a second per entry.
-    fn back_to_kernel(&self, key: &Key, e: &Entry, now: u64) {
+    fn back_to_kernel(&self, key: &Key, e: &Entry, zone: &'static str, now: u64) {
         let Some(fp) = &self.fastpath else {
             return;
         };
@@ -441,7 +542,7 @@ impl Resolver {
             return;
         }
         e.kernel_put.set(now);
-        fp.put(key, e, false);
+        fp.put(key, e, false, stat_slot(key, zone, e));
     }
 
     /// Drops entries past their stale window, and takes entries that
@@ -472,6 +573,7 @@ fn build_views(config: &Config, vnet: &[Arc<Upstream>], cluster: &[Arc<Upstream>
                 let s = &z.settings;
                 ZoneRt {
                     zone: z.clone(),
+                    label: intern(&wire::name_to_text(&z.name).to_ascii_lowercase()),
                     fwd: Arc::new(Forwarder::new(ups, s.policy, s.protocol, s.max_concurrent)),
                 }
             })
@@ -525,6 +627,46 @@ fn relay(resp: &[u8], raw: &[u8], q: &Query, max: usize) -> Vec<u8> {
         Some(_) => wire::error_reply(raw, Some(q), wire::rcode(resp), true).unwrap_or_default(),
         None => wire::error_reply(raw, Some(q), RCODE_SERVFAIL, false).unwrap_or_default(),
     }
+}
+
+/// CoreDNS `whoami`: no answers; in the additional section the client's
+/// address (A or AAAA) and `_<proto>.<qname>` SRV with its port, TTL 0.
+/// Flags and OPT as every reply of ours (RA=1, RD and CD from the query).
+fn whoami(raw: &[u8], q: &Query, client: SocketAddr, tr: Transport) -> Vec<u8> {
+    let mut m = Vec::with_capacity(q.question_end + 80);
+    m.extend_from_slice(&raw[..2]);
+    m.extend_from_slice(&wire::reply_flags(wire::F_QR | wire::F_RA, q.flags, false).to_be_bytes());
+    let extra: u16 = 2 + u16::from(q.edns.is_some());
+    m.extend_from_slice(&[0, 1, 0, 0, 0, 0]);
+    m.extend_from_slice(&extra.to_be_bytes());
+    m.extend_from_slice(&raw[HEADER_LEN..q.question_end]);
+    let class = q.qclass.to_be_bytes();
+    // The address record, owned by the question name (pointer to 12).
+    m.extend_from_slice(&[0xc0, 0x0c]);
+    match client.ip() {
+        std::net::IpAddr::V4(a) => {
+            m.extend_from_slice(&[0, 1, class[0], class[1], 0, 0, 0, 0, 0, 4]);
+            m.extend_from_slice(&a.octets());
+        }
+        std::net::IpAddr::V6(a) => {
+            m.extend_from_slice(&[0, 28, class[0], class[1], 0, 0, 0, 0, 0, 16]);
+            m.extend_from_slice(&a.octets());
+        }
+    }
+    // _udp.<qname> SRV 0 0 <port> .
+    let proto = tr.proto().as_str();
+    m.push(1 + proto.len() as u8);
+    m.push(b'_');
+    m.extend_from_slice(proto.as_bytes());
+    m.extend_from_slice(&[
+        0xc0, 0x0c, 0, 33, class[0], class[1], 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
+    ]);
+    m.extend_from_slice(&client.port().to_be_bytes());
+    m.push(0);
+    if let Some(e) = q.edns {
+        m.extend_from_slice(&wire::our_opt(e.do_bit, 0));
+    }
+    m
 }
 
 /// Logs a daemon-answered query (queryLogging `Log`) in CoreDNS's format.

@@ -42,6 +42,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "python3",
+    "python3-prometheus-client",
     "qemu-system-x86",
     "busybox-static",
 ];

@@ -23,7 +23,8 @@ use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
     CacheKey, CacheValue, GLOBAL_FAULT, GLOBAL_HASH_SEED, GLOBAL_LISTEN4, GLOBAL_LISTEN6,
     GLOBAL_VIEW4, GLOBAL_VIEW6, LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_LOG, MAP_META, MAP_STATS,
-    MAX_LISTEN, META_MAGIC, Meta, STAT_COUNT, STAT_NAMES,
+    MAX_LISTEN, MAX_STAT_SLOTS, META_MAGIC, Meta, STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED,
+    STAT_ZONE_BASE,
 };
 use thiserror::Error;
 
@@ -351,12 +352,13 @@ impl Fastpath {
     /// Writes (or replaces) the kernel copy of an entry; `log` makes the
     /// kernel report each hit on the query-log ring. Entries the kernel
     /// cannot serve are removed instead, so it never serves an old version.
-    pub fn put(&self, key: &Key, entry: &Entry, log: bool) {
+    pub fn put(&self, key: &Key, entry: &Entry, log: bool, stat: u16) {
         let bkey = encode::key(key, self.seed);
         let mut map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match encode::value(entry) {
             Ok(mut v) => {
                 v.log = u8::from(log);
+                v.stat = stat;
                 v.generation = self.generations.next();
                 if let Err(e) = map.insert(bkey, v, 0) {
                     tracing::warn!(error = %e, "writing the kernel cache failed");
@@ -379,6 +381,20 @@ impl Fastpath {
 
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         read_stats(&self.stats)
+    }
+
+    /// Kernel answers per stat slot and family.
+    pub fn slot_counts(&self) -> Vec<u64> {
+        read_slots(&self.stats)
+    }
+
+    /// Entries in the kernel map (walks its keys).
+    pub fn kernel_entries(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .count()
     }
 
     /// Reads the query-log ring until the task is aborted, handing each
@@ -455,12 +471,32 @@ fn ensure_bpffs(pin_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sums the per-CPU counters.
+/// Sums the per-CPU counters by reason; `hit` is the sum of the per-slot
+/// answer counts minus the TC=1 replies (see `STAT_ZONE_BASE`).
 pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
+    let sum = |i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+    let answers: u64 = read_slots(stats).iter().sum();
     (0..STAT_COUNT)
         .map(|i| {
-            let v = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            let v = if i == STAT_HIT {
+                answers.saturating_sub(sum(STAT_TRUNCATED))
+            } else {
+                sum(i)
+            };
             (STAT_NAMES[i as usize], v)
+        })
+        .collect()
+}
+
+/// Kernel answers per stat slot and family (`slot * 2 + is_ipv6`), summed
+/// over CPUs.
+pub fn read_slots(stats: &PerCpuArray<MapData, u64>) -> Vec<u64> {
+    (0..2 * MAX_STAT_SLOTS)
+        .map(|i| {
+            stats
+                .get(&(STAT_ZONE_BASE + i), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
         })
         .collect()
 }

@@ -1,0 +1,279 @@
+//! Operating like AKS LocalDNS: the health-check name, `/ready` and
+//! `/health`, CoreDNS metrics that include kernel answers (parsed by the
+//! Prometheus client library's own parser), and the systemd notify
+//! protocol (READY, WATCHDOG, STOPPING) on a real notify socket.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use localdns_tests::client::{Opts, Tool, ask};
+use localdns_tests::netns::{Netns, wait_for};
+use localdns_tests::topo::{KUBE, KUBE6, POD_IP, POD_IP6, Topo, VNET, VNET6};
+
+/// Debian's Python with python3-prometheus-client (not a pyenv shim).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// GET `url` from inside `ns`: (status, body).
+fn http_get(ns: &Netns, url: &str) -> (u16, String) {
+    let script = r#"
+import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=3)
+    print(r.status); sys.stdout.write(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); sys.stdout.write(e.read().decode())
+"#;
+    let o = ns.output(PYTHON, &["-c", script, url]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (code, body) = text.split_once('\n').unwrap_or(("0", ""));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Scrapes `url` and parses it with prometheus_client's OpenMetrics parser;
+/// returns `name{labels} value` lines of the samples (labels sorted).
+fn scrape(ns: &Netns, url: &str) -> Vec<String> {
+    let script = r#"
+import sys, urllib.request
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+for fam in text_string_to_metric_families(text):
+    for s in fam.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        print(f"{s.name}{{{labels}}} {s.value}")
+"#;
+    let o = ns.output(PYTHON, &["-c", script, url]);
+    assert!(
+        o.status.success(),
+        "scrape did not parse: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Sum of the samples named `name` whose labels contain every `want`.
+fn sum(samples: &[String], name: &str, want: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| want.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn health_check_name_is_answered_with_every_upstream_dead() {
+    let mut t = Topo::new();
+    // Upstreams nobody listens on: nothing can be forwarded.
+    let dead = "169.254.200.9";
+    t.start_daemon_raw(&[
+        "--iface",
+        "vpod*",
+        "--vnet-dns",
+        dead,
+        "--cluster-dns",
+        dead,
+        "--vnet-listen",
+        VNET,
+        "--vnet-listen",
+        VNET6,
+        "--kube-listen",
+        KUBE,
+        "--kube-listen",
+        KUBE6,
+        "--health",
+        "169.254.100.1:8181",
+    ]);
+    for (server, client, tcp) in [
+        (VNET, POD_IP, false),
+        (KUBE, POD_IP, true),
+        (VNET6, POD_IP6, false),
+        (KUBE6, POD_IP6, true),
+    ] {
+        let o = Opts {
+            tcp,
+            ..Opts::edns(1232)
+        };
+        let r = ask(
+            &t.pod,
+            Tool::Dig,
+            server,
+            "health-check.localdns.local",
+            "A",
+            o,
+        )
+        .unwrap_or_else(|| panic!("no answer from {server}\n{}", t.daemon_log()));
+        assert_eq!(r.rcode, "NOERROR", "{}", r.text);
+        assert!(r.answer.is_empty(), "{}", r.text);
+        // whoami: the client's address and its port over the transport.
+        let rtype = if client.contains(':') { "AAAA" } else { "A" };
+        assert!(
+            r.additional
+                .contains(&format!("health-check.localdns.local. IN {rtype} {client}")),
+            "{}",
+            r.text
+        );
+        let proto = if tcp { "_tcp" } else { "_udp" };
+        let srv = r
+            .additional
+            .iter()
+            .find(|l| l.starts_with(&format!("{proto}.health-check.localdns.local. IN SRV 0 0 ")))
+            .unwrap_or_else(|| panic!("no SRV: {}", r.text));
+        let port: u16 = srv.split(" ").nth(5).unwrap().parse().unwrap();
+        assert!(port > 0);
+        assert!(r.has("qr") && r.has("ra") && !r.has("aa"), "{}", r.text);
+    }
+    // A name that must be forwarded: SERVFAIL after the tries, and the
+    // upstreams get marked down; /ready says so, /health does not care.
+    let (st, _) = t.dig(VNET, "www.example.test", "A").unwrap();
+    assert_eq!(st, "SERVFAIL");
+    let (st, _) = t
+        .dig(KUBE, "kubernetes.default.svc.cluster.local", "A")
+        .unwrap();
+    assert_eq!(st, "SERVFAIL");
+    let not_ready = wait_for(Duration::from_secs(5), || {
+        let (code, body) = http_get(&t.pod, "http://169.254.100.1:8181/ready");
+        (code == 503).then_some(body)
+    })
+    .unwrap_or_else(|| panic!("/ready stayed OK\n{}", t.daemon_log()));
+    assert!(not_ready.contains("no healthy upstream"), "{not_ready}");
+    assert_eq!(http_get(&t.pod, "http://169.254.100.1:8181/health").0, 200);
+}
+
+#[test]
+fn ready_and_metrics_follow_coredns_and_count_kernel_answers() {
+    let mut t = Topo::new();
+    t.start_daemon(&[
+        "--iface",
+        "vpod*",
+        "--metrics",
+        "169.254.100.1:9253",
+        "--health",
+        "169.254.100.1:8181",
+    ]);
+    let (code, body) = http_get(&t.pod, "http://169.254.100.1:8181/ready");
+    assert_eq!((code, body.trim()), (200, "OK"));
+    let before = scrape(&t.pod, "http://169.254.100.1:9253/metrics");
+    let server = format!("server=\"dns://{VNET}:53\"");
+    let zone = "zone=\".\"";
+    let req = |s: &[String]| {
+        sum(
+            s,
+            "coredns_dns_requests_total",
+            &[&server, zone, "type=\"A\"", "proto=\"udp\""],
+        )
+    };
+    let hits = |s: &[String]| {
+        sum(
+            s,
+            "coredns_cache_hits_total",
+            &[&server, "zones=\".\"", "type=\"success\""],
+        )
+    };
+    let h0 = t.kernel_stat("hit");
+    const N: u64 = 20;
+    for _ in 0..N {
+        let (st, _) = t.dig(VNET, "www.example.test", "A").unwrap();
+        assert_eq!(st, "NOERROR");
+    }
+    let kernel = t.kernel_stat("hit") - h0;
+    assert_eq!(kernel, N - 1, "all but the first answered by the kernel");
+    let after = scrape(&t.pod, "http://169.254.100.1:9253/metrics");
+    assert_eq!(req(&after) - req(&before), N as f64, "requests: {after:#?}");
+    assert_eq!(hits(&after) - hits(&before), (N - 1) as f64);
+    assert_eq!(
+        sum(
+            &after,
+            "coredns_dns_responses_total",
+            &[&server, zone, "rcode=\"NOERROR\""]
+        ) - sum(
+            &before,
+            "coredns_dns_responses_total",
+            &[&server, zone, "rcode=\"NOERROR\""]
+        ),
+        N as f64
+    );
+    assert_eq!(
+        sum(
+            &after,
+            "coredns_dns_request_duration_seconds_count",
+            &[&server, zone, "type=\"A\""]
+        ) - sum(
+            &before,
+            "coredns_dns_request_duration_seconds_count",
+            &[&server, zone, "type=\"A\""]
+        ),
+        N as f64
+    );
+    // The miss went upstream once.
+    assert!(sum(&after, "coredns_forward_requests_total", &[]) >= 1.0);
+    assert!(sum(&after, "coredns_cache_entries", &["type=\"success\""]) >= 1.0);
+    assert_eq!(
+        sum(&after, "localdns_kernel_packets_total", &["result=\"hit\""])
+            - sum(
+                &before,
+                "localdns_kernel_packets_total",
+                &["result=\"hit\""]
+            ),
+        (N - 1) as f64
+    );
+    assert_eq!(sum(&after, "localdns_kernel_fastpath_up", &[]), 1.0);
+}
+
+/// systemd's side of `Type=notify` and `WatchdogSec=`: a datagram socket
+/// named by NOTIFY_SOCKET.
+#[test]
+fn systemd_notify_ready_watchdog_stopping() {
+    let t = Topo::new();
+    let path = t.dir.path.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let d = t.spawn_daemon_with(&Topo::upstream_args(), "daemon.log", |c| {
+        c.env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "1000000");
+    });
+    let mut d = d;
+    let mut msgs: Vec<(Instant, String)> = Vec::new();
+    let read_until = |until: Instant, msgs: &mut Vec<(Instant, String)>| {
+        let mut buf = [0u8; 512];
+        while Instant::now() < until {
+            if let Ok(n) = sock.recv(&mut buf) {
+                msgs.push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ));
+            }
+        }
+    };
+    // spawn_daemon returned once the daemon logged "ready": READY=1 is
+    // already queued, and the daemon answers.
+    read_until(Instant::now() + Duration::from_millis(300), &mut msgs);
+    assert!(
+        msgs.iter().any(|(_, m)| m.contains("READY=1")),
+        "{msgs:?}\n{}",
+        t.daemon_log()
+    );
+    let (st, _) = t.dig(VNET, "www.example.test", "A").unwrap();
+    assert_eq!(st, "NOERROR");
+    // Watchdog pings at half the 1 s interval, each after a self-check.
+    let from = Instant::now();
+    read_until(from + Duration::from_millis(2600), &mut msgs);
+    let pings = msgs
+        .iter()
+        .filter(|(at, m)| *at >= from && m.contains("WATCHDOG=1"))
+        .count();
+    assert!((4..=7).contains(&pings), "{pings} pings in 2.6 s: {msgs:?}");
+    assert!(d.terminate(Duration::from_secs(10)), "daemon did not stop");
+    read_until(Instant::now() + Duration::from_millis(300), &mut msgs);
+    assert!(
+        msgs.iter().any(|(_, m)| m.contains("STOPPING=1")),
+        "{msgs:?}"
+    );
+    // READY came before any watchdog ping and STOPPING last.
+    let first = |what: &str| msgs.iter().position(|(_, m)| m.contains(what)).unwrap();
+    assert!(first("READY=1") < first("WATCHDOG=1"));
+    assert!(first("STOPPING=1") > first("WATCHDOG=1"));
+}
