@@ -19,6 +19,18 @@ pub const KUBE6: &str = "fd00:10::11";
 pub const POD_IP6: &str = "fd00:100::2";
 pub const UPSTREAM_IP6: &str = "fd00:200::2";
 
+/// Listener options for both families in both views.
+pub const DUAL_STACK: [&str; 8] = [
+    "--vnet-listen",
+    VNET,
+    "--vnet-listen",
+    VNET6,
+    "--kube-listen",
+    KUBE,
+    "--kube-listen",
+    KUBE6,
+];
+
 const EXAMPLE_ZONE: &str = "$ORIGIN example.test.
 $TTL 300
 @ IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 60

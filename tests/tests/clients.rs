@@ -4,19 +4,7 @@
 //! show which repeats the kernel answered.
 
 use localdns_tests::client::{Opts, Reply, Tool, ask};
-use localdns_tests::topo::{KUBE, KUBE6, Topo, UPSTREAM_IP, UPSTREAM_IP6, VNET, VNET6};
-
-/// Listener options for both families in both views.
-const DUAL_STACK: [&str; 8] = [
-    "--vnet-listen",
-    VNET,
-    "--vnet-listen",
-    VNET6,
-    "--kube-listen",
-    KUBE,
-    "--kube-listen",
-    KUBE6,
-];
+use localdns_tests::topo::{DUAL_STACK, KUBE, KUBE6, Topo, UPSTREAM_IP, UPSTREAM_IP6, VNET, VNET6};
 
 /// (name, type, kube view?) asked in every combination.
 const NAMES: [(&str, &str, bool); 7] = [

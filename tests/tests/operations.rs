@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use localdns_tests::client::{Opts, Tool, ask};
 use localdns_tests::netns::{Netns, wait_for};
-use localdns_tests::topo::{KUBE, KUBE6, POD_IP, POD_IP6, Topo, VNET, VNET6};
+use localdns_tests::topo::{DUAL_STACK, KUBE, KUBE6, POD_IP, POD_IP6, Topo, VNET, VNET6};
 
 /// Debian's Python with python3-prometheus-client (not a pyenv shim).
 const PYTHON: &str = "/usr/bin/python3";
@@ -68,24 +68,18 @@ fn health_check_name_is_answered_with_every_upstream_dead() {
     let mut t = Topo::new();
     // Upstreams nobody listens on: nothing can be forwarded.
     let dead = "169.254.200.9";
-    t.start_daemon_raw(&[
+    let mut args = vec![
         "--iface",
         "vpod*",
         "--vnet-dns",
         dead,
         "--cluster-dns",
         dead,
-        "--vnet-listen",
-        VNET,
-        "--vnet-listen",
-        VNET6,
-        "--kube-listen",
-        KUBE,
-        "--kube-listen",
-        KUBE6,
         "--health",
         "169.254.100.1:8181",
-    ]);
+    ];
+    args.extend(DUAL_STACK);
+    t.start_daemon_raw(&args);
     for (server, client, tcp) in [
         (VNET, POD_IP, false),
         (KUBE, POD_IP, true),
@@ -183,40 +177,19 @@ fn ready_and_metrics_follow_coredns_and_count_kernel_answers() {
     let after = scrape(&t.pod, "http://169.254.100.1:9253/metrics");
     assert_eq!(req(&after) - req(&before), N as f64, "requests: {after:#?}");
     assert_eq!(hits(&after) - hits(&before), (N - 1) as f64);
+    let grew = |name: &str, want: &[&str]| sum(&after, name, want) - sum(&before, name, want);
+    let noerror = [server.as_str(), zone, "rcode=\"NOERROR\""];
+    assert_eq!(grew("coredns_dns_responses_total", &noerror), N as f64);
+    let typed = [server.as_str(), zone, "type=\"A\""];
     assert_eq!(
-        sum(
-            &after,
-            "coredns_dns_responses_total",
-            &[&server, zone, "rcode=\"NOERROR\""]
-        ) - sum(
-            &before,
-            "coredns_dns_responses_total",
-            &[&server, zone, "rcode=\"NOERROR\""]
-        ),
-        N as f64
-    );
-    assert_eq!(
-        sum(
-            &after,
-            "coredns_dns_request_duration_seconds_count",
-            &[&server, zone, "type=\"A\""]
-        ) - sum(
-            &before,
-            "coredns_dns_request_duration_seconds_count",
-            &[&server, zone, "type=\"A\""]
-        ),
+        grew("coredns_dns_request_duration_seconds_count", &typed),
         N as f64
     );
     // The miss went upstream once.
     assert!(sum(&after, "coredns_forward_requests_total", &[]) >= 1.0);
     assert!(sum(&after, "coredns_cache_entries", &["type=\"success\""]) >= 1.0);
     assert_eq!(
-        sum(&after, "localdns_kernel_packets_total", &["result=\"hit\""])
-            - sum(
-                &before,
-                "localdns_kernel_packets_total",
-                &["result=\"hit\""]
-            ),
+        grew("localdns_kernel_packets_total", &["result=\"hit\""]),
         (N - 1) as f64
     );
     assert_eq!(sum(&after, "localdns_kernel_fastpath_up", &[]), 1.0);
