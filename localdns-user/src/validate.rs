@@ -15,13 +15,22 @@ pub enum Malformed {
     Decode(String),
     #[error("records end at byte {end} of {len}: trailing bytes")]
     Trailing { end: usize, len: usize },
+    #[error("opcode {0} in a reply to a standard query")]
+    Opcode(u8),
     #[error("{0}")]
     Walk(#[from] wire::WireError),
 }
 
 /// `Ok` when `resp` is a well-formed DNS message to the last byte.
 pub fn upstream_reply(resp: &[u8]) -> Result<(), Malformed> {
-    Message::from_vec(resp).map_err(|e| Malformed::Decode(e.to_string()))?;
+    let m = Message::from_vec(resp).map_err(|e| Malformed::Decode(e.to_string()))?;
+    // We only ask standard queries. hickory decodes other opcodes by
+    // their own rules (UPDATE allows empty records), which a reply
+    // rewritten to opcode QUERY would then break; found by fuzzing.
+    let opcode = u8::from(m.metadata.op_code);
+    if opcode != 0 {
+        return Err(Malformed::Opcode(opcode));
+    }
     let (_, walk) = wire::walk_response(resp)?;
     if walk.end != resp.len() {
         return Err(Malformed::Trailing {
@@ -67,5 +76,8 @@ mod tests {
             "pointer into the header accepted"
         );
         assert!(upstream_reply(&good()[..11]).is_err());
+        let mut update = good();
+        update[2] |= 5 << 3; // opcode UPDATE
+        assert_eq!(upstream_reply(&update), Err(Malformed::Opcode(5)));
     }
 }
