@@ -9,6 +9,7 @@ pub mod forward;
 pub mod ifaces;
 pub mod listen;
 pub mod metrics;
+pub mod notrack;
 pub mod querylog;
 pub mod resolver;
 pub mod service;

@@ -19,6 +19,7 @@ use localdns_user::fastpath::{self, AttachMode, Fastpath, Origin};
 use localdns_user::ifaces::{self, Patterns};
 use localdns_user::listen::{self, Ctx, InFlight};
 use localdns_user::metrics::{self, Health};
+use localdns_user::notrack;
 use localdns_user::querylog::{self, type_name};
 use localdns_user::resolver::Resolver;
 use localdns_user::service;
@@ -165,6 +166,9 @@ struct RunArgs {
     /// `denial`).
     #[arg(long, default_value_t = 10_000)]
     cache_denial: usize,
+    /// Do not install the NOTRACK rules (nftables table `inet localdns`).
+    #[arg(long)]
+    no_notrack: bool,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -448,6 +452,24 @@ async fn serve(
             sweeper.sweep();
         }
     }));
+    if !args.no_notrack {
+        let l = ips.clone();
+        match tokio::task::spawn_blocking(move || notrack::install(&l)).await? {
+            Ok(()) => {
+                tracing::info!(
+                    table = notrack::TABLE,
+                    "NOTRACK rules installed for the listener addresses"
+                );
+                tasks.push(tokio::spawn(notrack::keep(
+                    ips.clone(),
+                    Duration::from_secs(10),
+                )));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "NOTRACK rules not installed: daemon-path DNS creates conntrack entries (--no-notrack silences this)")
+            }
+        }
+    }
     // Ready means answering: the daemon asks itself the health-check name
     // through its first listener before it says so (to systemd too).
     let probe_at = SocketAddr::new(listeners[0].0, 53);
@@ -581,10 +603,18 @@ async fn teardown(pin_path: &Path, listen6: &[std::net::Ipv6Addr]) -> Result<()>
     let filters = fastpath::attach::detach_netlink_tc(&all);
     let pins = PinDir::new(pin_path).remove_all();
     let addrs = addrs::remove(&nl, listen6).await?;
+    let nft = match notrack::remove() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "removing the NOTRACK table failed");
+            false
+        }
+    };
     tracing::info!(
         pins,
         netlink_tc_filters = filters,
         removed = ?addrs,
+        notrack_table = nft,
         pin_path = %pin_path.display(),
         "teardown done"
     );

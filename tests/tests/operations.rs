@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use localdns_tests::client::{Opts, Tool, ask};
 use localdns_tests::netns::{Netns, wait_for};
-use localdns_tests::topo::{DUAL_STACK, KUBE, KUBE6, POD_IP, POD_IP6, Topo, VNET, VNET6};
+use localdns_tests::topo::{
+    DUAL_STACK, KUBE, KUBE6, POD_IP, POD_IP6, Topo, VNET, VNET6, daemon_bin,
+};
 
 /// Debian's Python with python3-prometheus-client (not a pyenv shim).
 const PYTHON: &str = "/usr/bin/python3";
@@ -249,4 +251,102 @@ fn systemd_notify_ready_watchdog_stopping() {
     let first = |what: &str| msgs.iter().position(|(_, m)| m.contains(what)).unwrap();
     assert!(first("READY=1") < first("WATCHDOG=1"));
     assert!(first("STOPPING=1") > first("WATCHDOG=1"));
+}
+
+fn conntrack_count(ns: &Netns) -> u64 {
+    ns.sh_ok("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// NOTRACK: with conntrack active in the node (a rule that uses it), 400
+/// daemon-path misses add no conntrack entries: the rules cover queries
+/// and replies on the listener addresses, over UDP and TCP. The upstream
+/// side here is one persistent TCP connection (cluster.local is ForceTCP).
+#[test]
+fn daemon_path_misses_create_no_conntrack_entries() {
+    let mut t = Topo::new();
+    t.node.sh_ok("nft", &["add table ip ldt; add chain ip ldt pre { type filter hook prerouting priority 0; }; add rule ip ldt pre ct state new counter"]);
+    t.start_daemon(&["--iface", "vpod*"]);
+    let rules = t.node.sh_ok("nft", &["list", "table", "inet", "localdns"]);
+    assert_eq!(rules.matches("notrack").count(), 8, "{rules}");
+    // Warm the upstream connection, then count.
+    let (st, _) = t
+        .dig(KUBE, "kubernetes.default.svc.cluster.local", "A")
+        .unwrap();
+    assert_eq!(st, "NOERROR");
+    let before = conntrack_count(&t.node);
+    // 400 names nobody asked before, in batches of 100 per dig run, over
+    // UDP and TCP.
+    for (batch, tcp) in [(0, false), (1, true), (2, false), (3, true)] {
+        let names: Vec<String> = (0..100)
+            .map(|i| format!("n{batch}-{i}.default.svc.cluster.local"))
+            .collect();
+        let mut args = vec![
+            format!("@{KUBE}"),
+            "+tries=1".into(),
+            "+time=3".into(),
+            "+short".into(),
+        ];
+        if tcp {
+            args.push("+tcp".into());
+        }
+        args.extend(names);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = t.pod.output("dig", &args);
+        assert!(o.status.success(), "{o:?}");
+    }
+    let misses = t.kernel_stat("miss");
+    let after = conntrack_count(&t.node);
+    eprintln!(
+        "conntrack: {before} entries before, {after} after 400 misses (kernel misses counted {misses})"
+    );
+    // Only the UDP half passes the XDP program (TCP goes to the socket).
+    assert!(misses >= 200, "{misses}");
+    let listed = t.node.sh_ok("nft", &["list", "table", "inet", "localdns"]);
+    let matched: u64 = listed
+        .split("counter packets ")
+        .skip(1)
+        .map(|s| s.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    // Each query and each reply crosses one of the rules at least once.
+    assert!(
+        matched >= 800,
+        "NOTRACK rules matched {matched} packets:\n{listed}"
+    );
+    assert!(
+        after <= before + 2,
+        "conntrack grew from {before} to {after}:\n{}",
+        t.node.sh_ok("cat", &["/proc/net/nf_conntrack"])
+    );
+    // The rules come back when someone flushes them, and teardown removes
+    // them.
+    t.node
+        .sh_ok("nft", &["delete", "table", "inet", "localdns"]);
+    let back = wait_for(Duration::from_secs(15), || {
+        t.node
+            .output("nft", &["list", "table", "inet", "localdns"])
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(back.is_some(), "NOTRACK table not reinstalled");
+    // SIGTERM leaves the rules with the rest of the fast path (a successor
+    // keeps them); teardown removes them.
+    assert!(
+        t.daemon
+            .as_mut()
+            .unwrap()
+            .terminate(Duration::from_secs(10))
+    );
+    t.node.sh_ok("nft", &["list", "table", "inet", "localdns"]);
+    let out = t.node.output(
+        daemon_bin().to_str().unwrap(),
+        &["teardown", "--pin-path", &t.pin_path()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let gone = t.node.output("nft", &["list", "table", "inet", "localdns"]);
+    assert!(!gone.status.success(), "NOTRACK table left after teardown");
+    t.node.sh_ok("nft", &["delete", "table", "ip", "ldt"]);
 }
