@@ -232,6 +232,18 @@ impl Topo {
     ) -> Proc {
         let mut cmd = self.node.cmd(daemon_bin().to_str().unwrap());
         adjust(&mut cmd);
+        self.spawn_daemon_cmd(cmd, extra, log)
+    }
+
+    /// [`Topo::spawn_daemon`] through `wrapper` (e.g. `setpriv` with a
+    /// capability set): `wrapper... localdns-user ...`.
+    pub fn spawn_daemon_wrapped(&self, wrapper: &[&str], extra: &[&str], log: &str) -> Proc {
+        let mut cmd = self.node.cmd(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(daemon_bin());
+        self.spawn_daemon_cmd(cmd, extra, log)
+    }
+
+    fn spawn_daemon_cmd(&self, mut cmd: std::process::Command, extra: &[&str], log: &str) -> Proc {
         cmd.args(["--metrics", "none", "--health", "none"]);
         cmd.args(["--pin-path", &self.pin_path()]);
         cmd.args(extra);

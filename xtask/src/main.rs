@@ -24,12 +24,14 @@ const BENCH_PACKAGES: &[&str] = &[
     "knot-dnsutils",
     "dnsperf",
 ];
-/// Debian packages: the daemon needs iproute2; the tests need real DNS
-/// clients and servers, nftables, bpftool and nsenter, and qemu with a
-/// static busybox to run the kernel tests on a second kernel.
 /// cargo-fuzz targets in fuzz/ (the daemon's query and reply parsing).
 const FUZZ_TARGETS: [&str; 2] = ["client_query", "upstream_reply"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Debian packages: the daemon needs iproute2 and nftables; the tests need
+/// real DNS clients and servers, bpftool, nsenter and setpriv,
+/// systemd-analyze for the unit files, and qemu with a static busybox to
+/// run the kernel tests on a second kernel.
 
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
@@ -45,6 +47,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-prometheus-client",
     "qemu-system-x86",
     "busybox-static",
+    "systemd",
 ];
 
 #[derive(Parser)]
