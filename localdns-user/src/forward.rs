@@ -77,6 +77,8 @@ pub enum ForwardError {
     AllFailed { last: Box<ForwardError> },
     #[error("upstream fetch aborted: {0}")]
     Aborted(String),
+    #[error("forwarding loop detected for zone {zone}: not forwarded")]
+    Loop { zone: &'static str },
 }
 
 impl ForwardError {

@@ -8,6 +8,7 @@ pub mod fastpath;
 pub mod forward;
 pub mod ifaces;
 pub mod listen;
+pub mod loopdetect;
 pub mod metrics;
 pub mod notrack;
 pub mod querylog;

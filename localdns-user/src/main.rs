@@ -18,6 +18,7 @@ use localdns_user::fastpath::pins::PinDir;
 use localdns_user::fastpath::{self, AttachMode, Fastpath, Origin};
 use localdns_user::ifaces::{self, Patterns};
 use localdns_user::listen::{self, Ctx, InFlight};
+use localdns_user::loopdetect;
 use localdns_user::metrics::{self, Health};
 use localdns_user::notrack;
 use localdns_user::querylog::{self, type_name};
@@ -166,6 +167,10 @@ struct RunArgs {
     /// `denial`).
     #[arg(long, default_value_t = 10_000)]
     cache_denial: usize,
+    /// Seconds between loop probes (CoreDNS `loop`: a random name sent to
+    /// each forwarded zone's upstreams; coming back means a loop).
+    #[arg(long, default_value_t = loopdetect::REPROBE.as_secs_f64())]
+    loop_probe_interval: f64,
     /// Do not install the NOTRACK rules (nftables table `inet localdns`).
     #[arg(long)]
     no_notrack: bool,
@@ -317,6 +322,18 @@ fn run(args: RunArgs) -> Result<()> {
         .iter()
         .map(|s| parse_upstream(s))
         .collect::<Result<_>>()?;
+    // The obvious loop, refused before it starts; the loop probes find the
+    // ones that go through another server.
+    for (flag, ups) in [("--vnet-dns", &vnet), ("--cluster-dns", &cluster)] {
+        if let Some(u) = ups
+            .iter()
+            .find(|u| u.port() == 53 && listen.iter().any(|(ip, _)| *ip == u.ip()))
+        {
+            anyhow::bail!(
+                "{flag} {u} is one of this daemon's own listeners: every query would loop"
+            );
+        }
+    }
     runtime()?.block_on(serve(args, loaded.config, vnet, cluster))
 }
 
@@ -483,6 +500,14 @@ async fn serve(
     health.started.store(true, Ordering::Relaxed);
     service::ready();
     tasks.push(tokio::spawn(service::watchdog(probe_at)));
+    let r = res.clone();
+    let every = Duration::from_secs_f64(args.loop_probe_interval.max(0.1));
+    tasks.push(tokio::spawn(async move {
+        loop {
+            r.probe_loops().await;
+            tokio::time::sleep(every).await;
+        }
+    }));
     tracing::info!(
         vnet = ?args.vnet_listen, kube = ?args.kube_listen,
         vnet_upstreams = ?vnet, cluster_upstreams = ?cluster,

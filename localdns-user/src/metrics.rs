@@ -112,6 +112,12 @@ pub struct CacheZoneLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewZoneLabels {
+    pub view: &'static str,
+    pub zone: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToLabels {
     pub to: &'static str,
 }
@@ -265,6 +271,7 @@ pub struct Metrics {
     pub fwd_max_concurrent_rejects: Counter,
     pub malformed_replies: Counter,
     pub loops: Counter,
+    pub looping: Family<ViewZoneLabels, Gauge>,
     pub kernel_packets: Family<ResultLabels, Counter>,
     pub kernel_entries: Gauge,
     pub kernel_up: Gauge,
@@ -315,6 +322,7 @@ impl Metrics {
             fwd_max_concurrent_rejects: Counter::default(),
             malformed_replies: Counter::default(),
             loops: Counter::default(),
+            looping: Family::default(),
             kernel_packets: Family::default(),
             kernel_entries: Gauge::default(),
             kernel_up: Gauge::default(),
@@ -438,6 +446,11 @@ impl Metrics {
             m.loops.clone(),
         );
         r.register(
+            "localdns_forward_loop",
+            "1 while the zone's upstreams send our loop probe back (its misses get SERVFAIL without forwarding).",
+            m.looping.clone(),
+        );
+        r.register(
             "localdns_kernel_packets",
             "Packets the kernel program saw, by what it did: hit, truncated (TC=1 reply), or why it passed or dropped.",
             m.kernel_packets.clone(),
@@ -463,6 +476,16 @@ impl Metrics {
             m.tcp_refused.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Whether `zone` of `view` forwards in a loop.
+    pub fn set_loop(&self, view: u8, zone: &'static str, looping: bool) {
+        self.looping
+            .get_or_create(&ViewZoneLabels {
+                view: if view == 0 { "vnet" } else { "kube" },
+                zone,
+            })
+            .set(i64::from(looping));
     }
 
     /// Sets the `server` labels from the listener addresses (the first of

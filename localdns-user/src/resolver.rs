@@ -17,6 +17,7 @@ use crate::cache::{Cache, Capacity, Entry, Key, is_denial, mono_ns};
 use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone, ZoneSettings};
 use crate::fastpath::Fastpath;
 use crate::forward::{ForwardError, Forwarder, Upstream};
+use crate::loopdetect::{self, Loops};
 use crate::metrics::{Answered, SlotKey, intern, metrics, type_label};
 use crate::querylog;
 use crate::wire::{
@@ -44,6 +45,33 @@ struct ZoneRt {
     /// The zone as CoreDNS's metrics label it: "." or "cluster.local.".
     label: &'static str,
     fwd: Arc<Forwarder>,
+}
+
+fn view_name(view: u8) -> &'static str {
+    if view == 0 { "vnet" } else { "kube" }
+}
+
+/// `<name> HINFO` with RD, as CoreDNS `loop` asks.
+fn loop_probe_query(name: &[u8]) -> Option<Query> {
+    let mut m = Vec::with_capacity(12 + name.len() + 4);
+    m.extend_from_slice(&rand::random::<u16>().to_be_bytes());
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(name);
+    m.extend_from_slice(&[0, 13, 0, 1]);
+    wire::parse_query(&m).ok()
+}
+
+/// One of our loop probes came back from `client`: the log line CoreDNS
+/// `loop` prints (as an error: we keep running), and the metrics.
+fn loop_detected((view, zone): loopdetect::ZoneId, client: SocketAddr, q: &Query) {
+    let m = metrics();
+    m.loops.inc();
+    m.set_loop(view, zone, true);
+    querylog::emit(format!(
+        "[ERROR] plugin/loop: Loop ({client} -> {} view) detected for zone \"{zone}\", see https://coredns.io/plugins/loop#troubleshooting. Query: \"HINFO {}\"",
+        view_name(view),
+        q.name_text()
+    ));
 }
 
 /// `health-check.localdns.local`: AKS's DNS probe, answered locally with
@@ -104,6 +132,7 @@ pub struct Resolver {
     /// When [`Resolver::sweep`] last ran (CLOCK_MONOTONIC ns).
     last_sweep_ns: AtomicU64,
     pub counters: Counters,
+    pub loops: Loops,
 }
 
 impl Resolver {
@@ -132,6 +161,7 @@ impl Resolver {
             flights: DashMap::new(),
             last_sweep_ns: AtomicU64::new(0),
             counters: Counters::default(),
+            loops: Loops::default(),
         })
     }
 
@@ -234,6 +264,10 @@ impl Resolver {
         let zone = find_zone(&views, view, &q.qname_lower);
         let (reply, plugin) = if q.qname_lower == HEALTH_CHECK_NAME {
             (whoami(raw, &q, client, tr), "whoami")
+        } else if let Some(looped) = self.loops.arrived(&q.qname_lower, client) {
+            loop_detected(looped, client, &q);
+            let r = wire::error_reply(raw, Some(&q), RCODE_SERVFAIL, false).unwrap_or_default();
+            (r, "loop")
         } else {
             self.answer(view, raw, &q, zone, client, tr).await
         };
@@ -356,7 +390,13 @@ impl Resolver {
         }
         m.cache_lookup(view, v6, zone.label, None);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        let fetch = self.forward_and_store(zone, q, key);
+        let looping = self.loops.is_looping((view, zone.label));
+        let fetch = async move {
+            if looping {
+                return Err(Arc::new(ForwardError::Loop { zone: zone.label }));
+            }
+            self.forward_and_store(zone, q, key).await
+        };
         // serveStale Verify with a stale answer at hand: the upstream gets
         // one try's time; after that the stale answer goes out and the
         // fetch goes on (its flight stores the fresh answer when it comes).
@@ -517,6 +557,12 @@ impl Resolver {
     /// Readiness (`/ready`): every view has at least one upstream that is
     /// not marked down.
     pub fn ready_check(&self) -> Result<(), String> {
+        if let Some(&(view, zone)) = self.loops.looping().first() {
+            return Err(format!(
+                "forwarding loop for zone {zone} of the {} view",
+                view_name(view)
+            ));
+        }
         let views = self.views();
         for (i, zones) in views.iter().enumerate() {
             let up = zones
@@ -524,11 +570,49 @@ impl Resolver {
                 .flat_map(|z| z.fwd.upstreams.iter())
                 .any(|u| !u.is_down());
             if !up {
-                let name = if i == 0 { "vnet" } else { "kube" };
+                let name = view_name(i as u8);
                 return Err(format!("no healthy upstream for the {name} view"));
             }
         }
         Ok(())
+    }
+
+    /// Sends every forwarded zone of both views its loop probe and waits
+    /// for the answers; a probe that came back marks its zone looping, one
+    /// that did not clears it (see [`crate::loopdetect`]).
+    pub async fn probe_loops(self: &Arc<Self>) {
+        let views = self.views();
+        let mut probes = Vec::new();
+        for (view, zones) in views.iter().enumerate() {
+            let mut done = HashSet::new();
+            for z in zones {
+                if !done.insert(z.label) {
+                    continue;
+                }
+                let Some(zone_wire) = wire::text_to_wire_lower(z.label) else {
+                    continue;
+                };
+                let name = loopdetect::probe_name(&zone_wire);
+                let Some(q) = loop_probe_query(&name) else {
+                    continue;
+                };
+                self.loops.start(name.clone(), (view as u8, z.label));
+                let fwd = z.fwd.clone();
+                let me = self.clone();
+                probes.push(tokio::spawn(async move {
+                    let _ = fwd.resolve(&q).await;
+                    if let Some(((view, zone), looping)) = me.loops.finish(&name) {
+                        metrics().set_loop(view, zone, looping);
+                        if !looping {
+                            tracing::info!(view = view_name(view), zone, "forwarding loop gone");
+                        }
+                    }
+                }));
+            }
+        }
+        for p in probes {
+            let _ = p.await;
+        }
     }
 
     /// A fresh entry the daemon answered over UDP although the kernel could

@@ -7,9 +7,9 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use localdns_tests::client::{Opts, Tool, ask};
-use localdns_tests::netns::{Netns, wait_for};
+use localdns_tests::netns::{Netns, Proc, wait_for};
 use localdns_tests::topo::{
-    DUAL_STACK, KUBE, KUBE6, POD_IP, POD_IP6, Topo, VNET, VNET6, daemon_bin,
+    DUAL_STACK, KUBE, KUBE6, POD_IP, POD_IP6, Topo, UPSTREAM_IP, VNET, VNET6, daemon_bin,
 };
 
 /// Debian's Python with python3-prometheus-client (not a pyenv shim).
@@ -349,4 +349,121 @@ fn daemon_path_misses_create_no_conntrack_entries() {
     let gone = t.node.output("nft", &["list", "table", "inet", "localdns"]);
     assert!(!gone.status.success(), "NOTRACK table left after teardown");
     t.node.sh_ok("nft", &["delete", "table", "ip", "ldt"]);
+}
+
+/// dnsmasq in the upstream netns forwarding `server`-wards, as a real
+/// second-hop resolver.
+fn dnsmasq(t: &Topo, listen: &str, server: &str, log: &str) -> Proc {
+    let mut cmd = t.upstream.cmd("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--cache-size=0",
+        "--bind-interfaces",
+        "--pid-file=",
+        "--user=root",
+        &format!("--listen-address={listen}"),
+        &format!("--server={server}"),
+    ]);
+    let p = Proc::spawn(cmd, "dnsmasq", &t.dir.path.join(log));
+    std::thread::sleep(Duration::from_millis(300));
+    p
+}
+
+/// A forwarding loop (the vnet upstream is a dnsmasq that forwards back to
+/// 169.254.10.10) is found by the loop probe: CoreDNS's log line, SERVFAIL
+/// at once for the looping zone's misses instead of timeouts, /ready 503,
+/// the gauge; the kube view's cluster.local still resolves. When the
+/// upstream is fixed, the next probe clears it all.
+#[test]
+fn forwarding_loop_is_detected_answered_fast_and_cleared() {
+    let mut t = Topo::new();
+    let fwd = "169.254.200.53";
+    t.add_upstream_ip(fwd);
+    let mut dm = dnsmasq(&t, fwd, VNET, "dnsmasq-loop.log");
+    t.start_daemon_raw(&[
+        "--iface",
+        "vpod*",
+        "--vnet-dns",
+        fwd,
+        "--cluster-dns",
+        UPSTREAM_IP,
+        "--health",
+        "169.254.100.1:8181",
+        "--metrics",
+        "169.254.100.1:9253",
+        "--loop-probe-interval",
+        "1",
+    ]);
+    let line = wait_for(Duration::from_secs(10), || {
+        t.daemon_log()
+            .lines()
+            .find(|l| l.starts_with("[ERROR] plugin/loop: Loop ("))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|| panic!("no loop found:\n{}", t.daemon_log()));
+    assert!(
+        line.contains("detected for zone \".\"")
+            && line.contains("coredns.io/plugins/loop#troubleshooting")
+            && line.contains("Query: \"HINFO "),
+        "{line}"
+    );
+    let started = Instant::now();
+    let (st, _) = t.dig(VNET, "www.example.test", "A").unwrap();
+    let took = started.elapsed();
+    assert_eq!(st, "SERVFAIL");
+    assert!(took < Duration::from_millis(500), "SERVFAIL took {took:?}");
+    let (st, _) = t
+        .dig(KUBE, "kubernetes.default.svc.cluster.local", "A")
+        .unwrap();
+    assert_eq!(st, "NOERROR");
+    let (code, body) = http_get(&t.pod, "http://169.254.100.1:8181/ready");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("forwarding loop"), "{body}");
+    let m = scrape(&t.pod, "http://169.254.100.1:9253/metrics");
+    assert_eq!(
+        sum(
+            &m,
+            "localdns_forward_loop",
+            &["view=\"vnet\"", "zone=\".\""]
+        ),
+        1.0,
+        "{m:?}"
+    );
+    assert!(sum(&m, "localdns_loops_detected_total", &[]) >= 1.0);
+
+    // Fixed: dnsmasq now forwards to the real upstream.
+    assert!(dm.terminate(Duration::from_secs(5)));
+    let _dm = dnsmasq(&t, fwd, UPSTREAM_IP, "dnsmasq-fixed.log");
+    let ok = wait_for(Duration::from_secs(10), || {
+        (http_get(&t.pod, "http://169.254.100.1:8181/ready").0 == 200).then_some(())
+    });
+    assert!(ok.is_some(), "still looping:\n{}", t.daemon_log());
+    let (st, _) = t.dig(VNET, "www.example.test", "A").unwrap();
+    assert_eq!(st, "NOERROR");
+    let m = scrape(&t.pod, "http://169.254.100.1:9253/metrics");
+    assert_eq!(sum(&m, "localdns_forward_loop", &["view=\"vnet\""]), 0.0);
+}
+
+/// An upstream that is one of our own listeners is refused at start.
+#[test]
+fn an_upstream_that_is_our_own_listener_is_refused() {
+    let t = Topo::new();
+    let o = t.node.output(
+        daemon_bin().to_str().unwrap(),
+        &[
+            "--cluster-dns",
+            KUBE,
+            "--pin-path",
+            &t.pin_path(),
+            "--no-fastpath",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--cluster-dns 169.254.10.11:53 is one of this daemon's own listeners"),
+        "{err}"
+    );
 }

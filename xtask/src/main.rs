@@ -48,6 +48,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "systemd",
+    "dnsmasq-base",
 ];
 
 #[derive(Parser)]
