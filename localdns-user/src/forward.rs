@@ -189,8 +189,7 @@ impl Upstream {
         validate::upstream_reply(&r).map_err(|source| ForwardError::Malformed {
             addr: self.addr,
             source,
-        })?;
-        Ok(r)
+        })
     }
 
     async fn exchange_udp(&self, q: &Query, deadline: Instant) -> Result<Vec<u8>, ForwardError> {

@@ -3,6 +3,12 @@
 //! reply that does not decode, has bytes after its last record, or a
 //! record the walk cannot follow is never cached or relayed; the client
 //! gets SERVFAIL.
+//!
+//! What passes is re-encoded by hickory before anything else sees it:
+//! compression pointers then point only at names hickory wrote. An
+//! upstream's pointer may target any earlier byte, a TTL or a count
+//! included, and the name it spells would change when we rewrite those
+//! bytes (both cases found by fuzzing).
 
 use hickory_proto::op::Message;
 use thiserror::Error;
@@ -15,14 +21,17 @@ pub enum Malformed {
     Decode(String),
     #[error("records end at byte {end} of {len}: trailing bytes")]
     Trailing { end: usize, len: usize },
+    #[error("does not re-encode: {0}")]
+    Encode(String),
     #[error("opcode {0} in a reply to a standard query")]
     Opcode(u8),
     #[error("{0}")]
     Walk(#[from] wire::WireError),
 }
 
-/// `Ok` when `resp` is a well-formed DNS message to the last byte.
-pub fn upstream_reply(resp: &[u8]) -> Result<(), Malformed> {
+/// The reply to keep when `resp` is a well-formed DNS message to the last
+/// byte: the same message, re-encoded.
+pub fn upstream_reply(resp: &[u8]) -> Result<Vec<u8>, Malformed> {
     let m = Message::from_vec(resp).map_err(|e| Malformed::Decode(e.to_string()))?;
     // We only ask standard queries. hickory decodes other opcodes by
     // their own rules (UPDATE allows empty records), which a reply
@@ -38,7 +47,15 @@ pub fn upstream_reply(resp: &[u8]) -> Result<(), Malformed> {
             len: resp.len(),
         });
     }
-    Ok(())
+    let out = m.to_vec().map_err(|e| Malformed::Encode(e.to_string()))?;
+    let (_, walk) = wire::walk_response(&out)?;
+    if walk.end != out.len() {
+        return Err(Malformed::Trailing {
+            end: walk.end,
+            len: out.len(),
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -52,7 +69,7 @@ mod tests {
 
     #[test]
     fn accepts_good_and_rejects_broken_replies() {
-        assert_eq!(upstream_reply(&good()), Ok(()));
+        assert_eq!(upstream_reply(&good()), Ok(good()));
         let mut trailing = good();
         trailing.extend_from_slice(&[0xde, 0xad]);
         assert!(matches!(
@@ -79,5 +96,30 @@ mod tests {
         let mut update = good();
         update[2] |= 5 << 3; // opcode UPDATE
         assert_eq!(upstream_reply(&update), Err(Malformed::Opcode(5)));
+        // Found by the fuzz target: an authority record's owner points at
+        // the answer's TTL. hickory accepts it (an earlier byte); kept as
+        // is, aging the TTL would rename the record. Re-encoded, the
+        // owner is a real name.
+        let mut ttl_ptr = good();
+        assert_eq!(ttl_ptr.len(), 40);
+        // The answer's TTL (bytes 30..34) is 0x0000_0141: its low half
+        // reads as the name "A." (then RDLENGTH's 0 byte ends it).
+        ttl_ptr[30..34].copy_from_slice(&[0, 0, 1, b'A']);
+        ttl_ptr[9] = 1; // NSCOUNT
+        ttl_ptr.extend_from_slice(&[0xc0, 32, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 1]);
+        let before = Message::from_vec(&ttl_ptr).expect("hickory reads it");
+        assert_eq!(before.authorities[0].name.to_ascii(), "A.");
+        let out = upstream_reply(&ttl_ptr).expect("well-formed");
+        let mut aged = out.clone();
+        let (_, w) = wire::walk_response(&out).unwrap();
+        for t in w.ttl_offsets {
+            aged[t..t + 4].copy_from_slice(&7u32.to_be_bytes());
+        }
+        let after = Message::from_vec(&aged).expect("aged reply decodes");
+        assert_eq!(
+            after.authorities[0].name.to_ascii(),
+            "A.",
+            "aging renamed a record"
+        );
     }
 }
