@@ -14,5 +14,6 @@ pub mod notrack;
 pub mod querylog;
 pub mod resolver;
 pub mod service;
+pub mod synth;
 pub mod validate;
 pub mod wire;

@@ -24,6 +24,7 @@ use localdns_user::notrack;
 use localdns_user::querylog::{self, type_name};
 use localdns_user::resolver::Resolver;
 use localdns_user::service;
+use localdns_user::synth;
 use localdns_user::wire::name_to_text;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -167,6 +168,11 @@ struct RunArgs {
     /// `denial`).
     #[arg(long, default_value_t = 10_000)]
     cache_denial: usize,
+    /// A hosts file answered in the `.` zones of both views before
+    /// forwarding (AKS: /etc/localdns/hosts; CoreDNS `hosts` with ttl 5,
+    /// reload 5s, fallthrough). A missing file is picked up when it appears.
+    #[arg(long)]
+    hosts_file: Option<PathBuf>,
     /// Seconds between loop probes (CoreDNS `loop`: a random name sent to
     /// each forwarded zone's upstreams; coming back means a loop).
     #[arg(long, default_value_t = loopdetect::REPROBE.as_secs_f64())]
@@ -368,6 +374,22 @@ async fn serve(
         denial: args.cache_denial,
     };
     let res = Resolver::new(&cfg, &vnet, &cluster, fastpath.clone(), cap);
+    if let Some(path) = &args.hosts_file {
+        let h = Arc::new(synth::Hosts::open(path)?);
+        let _ = res.hosts.set(h.clone());
+        // CoreDNS `hosts ... { reload 5s }`.
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let h = h.clone();
+                match tokio::task::spawn_blocking(move || h.reload()).await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "hosts file not reloaded"),
+                    Err(e) => tracing::error!(error = %e, "hosts file not reloaded"),
+                    Ok(Ok(_)) => {}
+                }
+            }
+        });
+    }
     if let Some(fp) = &fastpath {
         if fp.origin == Origin::Adopted {
             let (kept, dropped) = res.adopt(fp.entries());

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -20,8 +20,10 @@ use crate::forward::{ForwardError, Forwarder, Upstream};
 use crate::loopdetect::{self, Loops};
 use crate::metrics::{Answered, SlotKey, intern, metrics, type_label};
 use crate::querylog;
+use crate::synth::{self, Hosts};
 use crate::wire::{
-    self, HEADER_LEN, Query, RCODE_FORMERR, RCODE_NOTIMP, RCODE_REFUSED, RCODE_SERVFAIL, WireError,
+    self, HEADER_LEN, Query, RCODE_FORMERR, RCODE_NOTIMP, RCODE_NXDOMAIN, RCODE_REFUSED,
+    RCODE_SERVFAIL, WireError,
 };
 
 /// Transport a query came in on (the UDP size limit applies only to UDP).
@@ -133,6 +135,8 @@ pub struct Resolver {
     last_sweep_ns: AtomicU64,
     pub counters: Counters,
     pub loops: Loops,
+    /// `--hosts-file`, answered in the `.` zones before forwarding.
+    pub hosts: OnceLock<Arc<Hosts>>,
 }
 
 impl Resolver {
@@ -162,6 +166,7 @@ impl Resolver {
             last_sweep_ns: AtomicU64::new(0),
             counters: Counters::default(),
             loops: Loops::default(),
+            hosts: OnceLock::new(),
         })
     }
 
@@ -366,6 +371,10 @@ impl Resolver {
             Transport::Udp => q.max_udp(),
             Transport::Tcp => 65535,
         };
+        if zone.label == "." && synth::nxdomain_template(&q.qname_lower).is_some() {
+            let r = wire::error_reply(raw, Some(q), RCODE_NXDOMAIN, false).unwrap_or_default();
+            return (r, "template");
+        }
         let m = metrics();
         let v6 = client.is_ipv6();
         let key = Key::of(view, q);
@@ -509,7 +518,11 @@ impl Resolver {
         q: &Query,
         key: Key,
     ) -> Result<Stored, ForwardError> {
-        let resp = fwd.resolve(q).await?;
+        let hosts = self.hosts.get().filter(|_| label == ".");
+        let resp = match hosts.and_then(|h| h.answer(q)) {
+            Some(r) => r,
+            None => fwd.resolve(q).await?,
+        };
         match Entry::from_upstream(q, &resp, s.cache_secs, s.stale_secs, mono_ns()) {
             Ok(e) => {
                 let e = Arc::new(e);

@@ -467,3 +467,57 @@ fn an_upstream_that_is_our_own_listener_is_refused() {
         "{err}"
     );
 }
+
+/// What AKS's Corefile adds in the `.` zones of both views: NXDOMAIN for
+/// search-list junk (4+ labels before internal.cloudapp.net, anything
+/// under reddog.microsoft.com) without asking upstream, and a hosts file
+/// (ttl 5, reload 5s, fallthrough) whose answers the kernel serves too.
+#[test]
+fn nxdomain_templates_and_hosts_file() {
+    let mut t = Topo::new();
+    let hosts = t.dir.path.join("hosts");
+    std::fs::write(&hosts, "# test\n10.1.2.3 db.example.internal\n").unwrap();
+    t.start_daemon(&["--iface", "vpod*", "--hosts-file", hosts.to_str().unwrap()]);
+    for server in [VNET, KUBE] {
+        for (name, want) in [
+            ("a.b.c.d.internal.cloudapp.net", "NXDOMAIN"),
+            ("www.google.com.ns1.svc.internal.cloudapp.net", "NXDOMAIN"),
+            ("x.reddog.microsoft.com", "NXDOMAIN"),
+            ("reddog.microsoft.com", "NXDOMAIN"),
+            // Fewer labels: forwarded; NSD has no such zone and refuses.
+            ("vm1.internal.cloudapp.net", "REFUSED"),
+        ] {
+            let (st, _) = t.dig(server, name, "A").unwrap();
+            assert_eq!(st, want, "{name} @{server}");
+        }
+        let (st, ans) = t.dig(server, "db.example.internal", "A").unwrap();
+        assert_eq!(st, "NOERROR");
+        assert_eq!(ans.len(), 1, "{ans:?}");
+        let f: Vec<&str> = ans[0].split_whitespace().collect();
+        assert_eq!((f[3], f[4]), ("A", "10.1.2.3"), "{ans:?}");
+        assert!(f[1].parse::<u32>().unwrap() <= 5, "{ans:?}");
+        // No AAAA in the file: falls through to the upstream.
+        let (st, _) = t.dig(server, "db.example.internal", "AAAA").unwrap();
+        assert_eq!(st, "REFUSED");
+    }
+    // The hosts answer is cached like an upstream's: the kernel answers it.
+    let hits = t.kernel_stat("hit");
+    let (st, _) = t.dig(VNET, "db.example.internal", "A").unwrap();
+    assert_eq!(st, "NOERROR");
+    assert_eq!(t.kernel_stat("hit"), hits + 1, "not a kernel hit");
+    // Edited: a new name is served after the next reload (5 s).
+    std::fs::write(
+        &hosts,
+        "10.1.2.3 db.example.internal\n10.7.7.7 new.example.internal\n",
+    )
+    .unwrap();
+    let seen = wait_for(Duration::from_secs(8), || {
+        let (st, ans) = t.dig(VNET, "new.example.internal", "A")?;
+        (st == "NOERROR" && ans.iter().any(|a| a.ends_with("10.7.7.7"))).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "hosts file not reloaded:\n{}",
+        t.daemon_log()
+    );
+}
