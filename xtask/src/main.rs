@@ -30,9 +30,9 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages: the daemon needs iproute2 and nftables; the tests need
 /// real DNS clients and servers, bpftool, nsenter and setpriv,
-/// systemd-analyze for the unit files, and qemu with a static busybox to
+/// systemd-analyze for the unit files, dnsmasq as a second-hop forwarder,
+/// and qemu with a static busybox to
 /// run the kernel tests on a second kernel.
-
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "dnsutils",
