@@ -12,6 +12,7 @@ pub mod loopdetect;
 pub mod metrics;
 pub mod notrack;
 pub mod querylog;
+pub mod resolvconf;
 pub mod resolver;
 pub mod service;
 pub mod synth;

@@ -100,20 +100,9 @@ fn freebind(s: &socket2::Socket, addr: SocketAddr) {
     };
 }
 
-/// SO_RCVBUFFORCE (root only): a buffer beyond net.core.rmem_max.
+/// SO_RCVBUFFORCE (CAP_NET_ADMIN): a buffer beyond net.core.rmem_max.
 fn rcvbuf_force(s: &socket2::Socket, size: usize) -> bool {
-    use std::os::fd::AsRawFd;
-    let v = size as libc::c_int;
-    // SAFETY: setsockopt on an open socket with a correctly sized int.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
-    }
+    rustix::net::sockopt::set_socket_recv_buffer_size_force(s, size).is_ok()
 }
 
 /// Lets a closing TCP listener hand its not-yet-accepted connections to

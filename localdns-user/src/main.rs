@@ -22,6 +22,7 @@ use localdns_user::loopdetect;
 use localdns_user::metrics::{self, Health};
 use localdns_user::notrack;
 use localdns_user::querylog::{self, type_name};
+use localdns_user::resolvconf;
 use localdns_user::resolver::Resolver;
 use localdns_user::service;
 use localdns_user::synth;
@@ -255,13 +256,15 @@ fn parse_upstream(s: &str) -> Result<SocketAddr> {
 }
 
 fn resolv_conf_upstreams(exclude: &[(IpAddr, u8)]) -> Vec<SocketAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.strip_prefix("nameserver"))
-        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
-        .filter(|ip| !exclude.iter().any(|(l, _)| l == ip))
-        .map(|ip| SocketAddr::new(ip, 53))
-        .collect()
+    let ours: Vec<IpAddr> = exclude.iter().map(|(ip, _)| *ip).collect();
+    resolvconf::upstreams(
+        Path::new(resolvconf::RESOLV_CONF),
+        Path::new(resolvconf::RESOLVED_UPLINKS),
+        &ours,
+    )
+    .into_iter()
+    .map(|ip| SocketAddr::new(ip, 53))
+    .collect()
 }
 
 impl RunArgs {

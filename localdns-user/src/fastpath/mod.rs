@@ -448,25 +448,16 @@ fn ensure_bpffs(pin_dir: &Path) -> std::io::Result<()> {
     if !pin_dir.starts_with(BPF_FS_ROOT) {
         return Ok(());
     }
-    let root = std::ffi::CString::new(BPF_FS_ROOT).expect("no NUL");
-    // SAFETY: statfs/mount with valid NUL-terminated strings and buffers.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        if libc::statfs(root.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-            return Ok(());
-        }
-        let fstype = std::ffi::CString::new("bpf").expect("no NUL");
-        if libc::mount(
-            fstype.as_ptr(),
-            root.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
+    if rustix::fs::statfs(BPF_FS_ROOT).is_ok_and(|st| st.f_type == BPF_FS_MAGIC) {
+        return Ok(());
     }
+    rustix::mount::mount(
+        "bpf",
+        BPF_FS_ROOT,
+        "bpf",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )?;
     tracing::info!("mounted bpffs on {BPF_FS_ROOT}");
     Ok(())
 }
