@@ -789,9 +789,24 @@ pub fn router(health: Arc<Health>, views_ok: ViewsHealthy, refresh: Refresh) -> 
         )
 }
 
-/// Serves `router` on `addr` until the task is aborted.
+/// Serves `router` on `addr` until the task is aborted. The socket has
+/// SO_REUSEPORT, like the DNS listeners: during a hand-over the successor
+/// binds the same probe and metrics ports while its predecessor drains
+/// (a DaemonSet's readiness probe must reach the new pod).
 pub async fn serve(addr: SocketAddr, router: axum::Router) -> std::io::Result<()> {
-    let l = tokio::net::TcpListener::bind(addr).await?;
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // The health address may be a listener address not yet routable here.
+    let _ = s.set_freebind_v4(true);
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    let l = tokio::net::TcpListener::from_std(std::net::TcpListener::from(s))?;
     axum::serve(l, router).await
 }
 

@@ -2,14 +2,23 @@
 //! `systemd-analyze verify`, carry AKS LocalDNS's service settings, and the
 //! capability set the unit grants is enough to run the daemon with its
 //! kernel fast path, NOTRACK rules and teardown (run under `setpriv` with
-//! exactly that bounding set).
+//! exactly that bounding set). The Kubernetes manifests validate against
+//! the OpenAPI schemas (kubernetes-validate, strict), the DaemonSet asks
+//! for no more than it needs, the ConfigMap is the sample profile, and two
+//! daemons started as the DaemonSet starts them hand over with no failed
+//! query.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use localdns_tests::netns::TempDir;
-use localdns_tests::topo::{Topo, VNET, daemon_bin};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use localdns_tests::load::{Load, Spec, Target};
+use localdns_tests::netns::{TempDir, wait_for};
+use localdns_tests::topo::{Topo, UPSTREAM_IP, VNET, daemon_bin};
+use serde_json::Value;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -141,4 +150,258 @@ fn daemon_runs_with_only_the_units_capabilities() {
     assert!(out.status.success(), "{out:?}");
     let link = t.node.sh_ok("ip", &["-d", "link", "show", "vpod0"]);
     assert!(!link.contains("prog/xdp"), "{link}");
+}
+
+const MANIFESTS: [&str; 5] = [
+    "namespace.yaml",
+    "serviceaccount.yaml",
+    "configmap.yaml",
+    "daemonset.yaml",
+    "service.yaml",
+];
+
+/// The virtualenv `cargo xtask` prepares (kubernetes-validate, PyYAML).
+fn pyenv(tool: &str) -> PathBuf {
+    let p = repo().join("target/pyenv/bin").join(tool);
+    assert!(
+        p.exists(),
+        "{} missing: run cargo xtask prereqs",
+        p.display()
+    );
+    p
+}
+
+/// A manifest as JSON (read by PyYAML, not by us).
+fn manifest(name: &str) -> Value {
+    let script = "import sys, json, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
+    let out = Command::new(pyenv("python3"))
+        .args(["-c", script])
+        .arg(repo().join("deploy/kubernetes").join(name))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn validate(path: &Path) -> std::process::Output {
+    Command::new(pyenv("kubernetes-validate"))
+        .args(["--strict", "-k", "1.31.0"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_openapi_schemas() {
+    for m in MANIFESTS {
+        let out = validate(&repo().join("deploy/kubernetes").join(m));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("passed"),
+            "{m}: {out:?}"
+        );
+    }
+    // The validator does reject: a misspelt field fails.
+    let dir = TempDir::new("k8s");
+    let bad = dir.path.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        read("deploy/kubernetes/daemonset.yaml").replace("hostNetwork: true", "hostNetwrk: true"),
+    )
+    .unwrap();
+    assert!(!validate(&bad).status.success(), "misspelt field accepted");
+    // kustomize applies exactly these.
+    let k = read("deploy/kubernetes/kustomization.yaml");
+    for m in MANIFESTS {
+        assert!(k.contains(&format!("  - {m}")), "{m} not in kustomization");
+    }
+}
+
+#[test]
+fn daemonset_asks_only_for_what_it_needs() {
+    let ds = manifest("daemonset.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    for k in ["hostPID", "hostIPC"] {
+        assert!(pod.get(k).is_none_or(|v| v == false), "{k}");
+    }
+    let u = &ds["spec"]["updateStrategy"];
+    assert_eq!(u["type"], "RollingUpdate");
+    assert_eq!(u["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(u["rollingUpdate"]["maxUnavailable"], 0);
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    // The same capabilities the systemd unit keeps (tested to suffice).
+    let mut add: Vec<String> = sc["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_lowercase())
+        .collect();
+    add.sort();
+    let mut unit: Vec<String> = unit_caps()
+        .split(',')
+        .map(|c| c.trim_start_matches('+').to_string())
+        .collect();
+    unit.sort();
+    assert_eq!(add, unit);
+    // Volumes: the host's bpffs and the config, nothing else from the host.
+    let vols = pod["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 2, "{vols:?}");
+    let host: Vec<&str> = vols
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    assert_eq!(host, ["/sys/fs/bpf"]);
+    assert!(
+        vols.iter()
+            .any(|v| v["configMap"]["name"] == "localdns-config")
+    );
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/sys/fs/bpf"));
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["mountPath"] == "/etc/localdns" && m["readOnly"] == true)
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], 8181);
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/health");
+    // Within AKS's 128 MiB, above the measured peak (67 MiB).
+    assert_eq!(c["resources"]["limits"]["memory"], "128Mi");
+    assert_eq!(c["resources"]["requests"]["memory"], "64Mi");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--config=/etc/localdns/localdnsconfig.json"));
+}
+
+#[test]
+fn configmap_is_the_sample_profile_and_passes_check_config() {
+    let cm = manifest("configmap.yaml");
+    let json = cm["data"]["localdnsconfig.json"].as_str().unwrap();
+    assert_eq!(json, read("localdns-user/default-localdnsconfig.json"));
+    let dir = TempDir::new("cm");
+    let f = dir.path.join("localdnsconfig.json");
+    std::fs::write(&f, json).unwrap();
+    let out = Command::new(daemon_bin())
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The DaemonSet's container arguments with its environment substituted
+/// the way the kubelet does (`$(VAR)`), for this test network.
+fn daemonset_args(config: &Path) -> Vec<String> {
+    let ds = manifest("daemonset.yaml");
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("$(LOCALDNS_IFACE)", "vpod*")
+                .replace("$(CLUSTER_DNS)", UPSTREAM_IP)
+                .replace(
+                    "/etc/localdns/localdnsconfig.json",
+                    config.to_str().unwrap(),
+                )
+        })
+        .collect()
+}
+
+/// Two daemons as a `maxSurge: 1` rollout runs them on one node: the new
+/// pod starts (same pins, same ports, probes included) while the old one
+/// still answers, the old one then gets SIGTERM. Under 2,000 queries/s (a
+/// quarter of them uncached) nothing fails, and the new pod's /ready is
+/// reachable while both run.
+#[test]
+fn daemonset_rollout_hands_over_with_no_failed_query() {
+    let mut t = Topo::new();
+    let config = t.dir.path.join("localdnsconfig.json");
+    std::fs::write(&config, read("localdns-user/default-localdnsconfig.json")).unwrap();
+    let mut args = daemonset_args(&config);
+    // dnsPolicy Default gives the node's resolv.conf; here, the test's NSD.
+    args.push(format!("--vnet-dns={UPSTREAM_IP}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    t.start_daemon_raw(&args);
+    let ready = |t: &Topo| {
+        t.node
+            .output(
+                "/usr/bin/python3",
+                &[
+                    "-c",
+                    "import urllib.request as u; print(u.urlopen('http://169.254.10.10:8181/ready', timeout=2).status)",
+                ],
+            )
+            .status
+            .success()
+    };
+    assert!(ready(&t), "first pod not ready");
+    let targets = vec![
+        Target::Fixed {
+            name: "www.example.test.".into(),
+            addr: Ipv4Addr::new(192, 0, 2, 10),
+        },
+        Target::Fixed {
+            name: "ns.example.test.".into(),
+            addr: Ipv4Addr::new(192, 0, 2, 53),
+        },
+        Target::Fixed {
+            name: "alias.example.test.".into(),
+            addr: Ipv4Addr::new(192, 0, 2, 10),
+        },
+        Target::Unique {
+            suffix: "fresh.example.test.".into(),
+            addr: Ipv4Addr::new(192, 0, 2, 77),
+        },
+    ];
+    let load = Load::start(
+        &t.pod,
+        Spec {
+            server: SocketAddr::new(VNET.parse().unwrap(), 53),
+            rate: 2000,
+            duration: Duration::from_secs(6),
+            timeout: Duration::from_secs(1),
+            targets,
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let next = t.spawn_daemon(&args, "daemon-2.log");
+    let log2 = t.log("daemon-2.log");
+    assert!(
+        !log2.contains("metrics/health listener not started"),
+        "the new pod could not bind its probe port:\n{log2}"
+    );
+    assert!(ready(&t), "/ready unreachable with both pods up");
+    let mut old = t.daemon.replace(next).unwrap();
+    assert!(
+        old.terminate(Duration::from_secs(30)),
+        "old pod did not stop"
+    );
+    let r = load.finish();
+    let failed = r.failed(|_| true);
+    println!(
+        "DaemonSet rollout under {} queries: {} failed",
+        r.sent(|_| true),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{}", r.sample(|_| true));
+    assert!(t.daemon_alive());
+    let back = wait_for(Duration::from_secs(5), || ready(&t).then_some(()));
+    assert!(back.is_some(), "new pod not ready after the hand-over");
 }

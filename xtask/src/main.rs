@@ -31,6 +31,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages: the daemon needs iproute2 and nftables; the tests need
 /// real DNS clients and servers, bpftool, nsenter and setpriv,
 /// systemd-analyze for the unit files, dnsmasq as a second-hop forwarder,
+/// python3-venv for kubernetes-validate (from PyPI),
 /// and qemu with a static busybox to
 /// run the kernel tests on a second kernel.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -49,6 +50,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "busybox-static",
     "systemd",
     "dnsmasq-base",
+    "python3-venv",
 ];
 
 #[derive(Parser)]
@@ -187,7 +189,25 @@ fn prereqs_with(packages: &[&str]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    if packages.contains(&"python3-venv") {
+        python_tools()?;
+    }
     Ok(())
+}
+
+/// kubernetes-validate (it bundles the Kubernetes OpenAPI schemas) in a
+/// virtualenv under target/, for the manifest tests.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+fn python_tools() -> Result<()> {
+    let venv = root().join("target/pyenv");
+    if venv.join("bin/kubernetes-validate").exists() {
+        return Ok(());
+    }
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))
 }
 
 unsafe extern "C" {
