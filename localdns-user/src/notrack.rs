@@ -6,7 +6,7 @@
 //! One table, `inet localdns`, with a `prerouting` and an `output` chain at
 //! priority raw (-300); in each, for every listener address, UDP and TCP to
 //! port 53 of it and from port 53 of it skip conntrack. The table is
-//! replaced as a whole in one transaction (`nft -j -f -`, built with the
+//! replaced as a whole in one transaction (`nft -j -f`, built with the
 //! typed `nftables` crate), re-checked periodically, and removed by
 //! `teardown`. Upstream traffic is untouched: kube-proxy needs conntrack to
 //! NAT the kube-dns service address.
@@ -31,10 +31,12 @@ const PRIO_RAW: i32 = -300;
 
 #[derive(Debug, Error)]
 pub enum NotrackError {
-    #[error("nft: {0}")]
-    Nft(#[source] nftables::helper::NftablesError),
     #[error("encoding the ruleset: {0}")]
     Json(#[source] serde_json::Error),
+    #[error("running nft: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft rejected the ruleset: {0}")]
+    Rejected(String),
 }
 
 fn table() -> Table<'static> {
@@ -124,7 +126,7 @@ fn patch_notrack(v: &mut serde_json::Value) {
     }
 }
 
-/// The whole transaction for `listen`, as `nft -j -f -` reads it.
+/// The whole transaction for `listen`, as `nft -j -f` reads it.
 fn ruleset_json(listen: &[IpAddr]) -> Result<String, NotrackError> {
     let mut b = Batch::new();
     b.add(NfListObject::Table(table()));
@@ -151,40 +153,60 @@ fn ruleset_json(listen: &[IpAddr]) -> Result<String, NotrackError> {
 
 /// Installs (or replaces) the table with rules for `listen`, atomically.
 pub fn install(listen: &[IpAddr]) -> Result<(), NotrackError> {
-    let json = ruleset_json(listen)?;
-    nftables::helper::apply_ruleset_raw(
-        &json,
-        nftables::helper::DEFAULT_NFT,
-        nftables::helper::DEFAULT_ARGS,
-    )
-    .map(drop)
-    .map_err(NotrackError::Nft)
+    apply(&ruleset_json(listen)?)
+}
+
+/// Runs `nft -j ARGS`, with `input` on stdin; its stdout. Every stream is
+/// a pipe: a minimal container may have no /dev (no /dev/null for an
+/// inherited-null stream, no /dev/stdin for `-f -`).
+fn nft(args: &[&str], input: &str) -> Result<String, NotrackError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("nft")
+        .arg("-j")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NotrackError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(NotrackError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(NotrackError::Spawn)?;
+    if !out.status.success() {
+        return Err(NotrackError::Rejected(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Applies a JSON ruleset (stdin named through /proc, not as `-`).
+fn apply(json: &str) -> Result<(), NotrackError> {
+    nft(&["-f", "/proc/self/fd/0"], json).map(drop)
+}
+
+/// Our table as nft lists it, if it exists.
+fn list() -> Option<String> {
+    nft(&["list", "table", "inet", TABLE], "").ok()
 }
 
 /// Rules of our table now in the kernel (0 when the table is missing).
 pub fn installed_rules() -> usize {
-    let Ok(raw) = nftables::helper::get_current_ruleset_raw(
-        nftables::helper::DEFAULT_NFT,
-        ["list", "table", "inet", TABLE].iter(),
-    ) else {
-        return 0;
-    };
-    raw.matches("\"notrack\"").count()
+    list().map_or(0, |raw| raw.matches("\"notrack\"").count())
 }
 
 /// Removes the table (nothing to do when it is not there).
 pub fn remove() -> Result<bool, NotrackError> {
-    if nftables::helper::get_current_ruleset_raw(
-        nftables::helper::DEFAULT_NFT,
-        ["list", "table", "inet", TABLE].iter(),
-    )
-    .is_err()
-    {
+    if list().is_none() {
         return Ok(false);
     }
     let mut b = Batch::new();
     b.delete(NfListObject::Table(table()));
-    nftables::helper::apply_ruleset(&b.to_nftables()).map_err(NotrackError::Nft)?;
+    apply(&serde_json::to_string(&b.to_nftables()).map_err(NotrackError::Json)?)?;
     Ok(true)
 }
 

@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use localdns_tests::load::{Load, Spec, Target};
-use localdns_tests::netns::{TempDir, wait_for};
+use localdns_tests::netns::{Proc, TempDir, wait_for};
 use localdns_tests::topo::{Topo, UPSTREAM_IP, VNET, daemon_bin};
 use serde_json::Value;
 
@@ -404,4 +404,151 @@ fn daemonset_rollout_hands_over_with_no_failed_query() {
     assert!(t.daemon_alive());
     let back = wait_for(Duration::from_secs(5), || ready(&t).then_some(()));
     assert!(back.is_some(), "new pod not ready after the hand-over");
+}
+
+/// The image `cargo xtask image` builds (and `cargo xtask test` before the
+/// tests run).
+const IMAGE: &str = concat!("localhost/localdns:", env!("CARGO_PKG_VERSION"));
+
+fn buildah(args: &[&str]) -> String {
+    let out = Command::new("buildah").args(args).output().unwrap();
+    assert!(out.status.success(), "buildah {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A working container of the image, mounted; unmounted and removed on
+/// drop.
+struct Mounted {
+    ctr: String,
+    root: PathBuf,
+}
+
+impl Mounted {
+    fn new(image: &str) -> Mounted {
+        let ctr = buildah(&["from", "--pull-never", image]);
+        let root = PathBuf::from(buildah(&["mount", &ctr]));
+        Mounted { ctr, root }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("buildah").args(["umount", &self.ctr]).output();
+        let _ = Command::new("buildah").args(["rm", &self.ctr]).output();
+    }
+}
+
+/// Files of a tree, relative, sorted.
+fn files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The image's OCI config says what the DaemonSet relies on; its content
+/// is the static daemon plus nft and its libraries (no shell, no package
+/// manager); and its entrypoint, run with chroot in a test node netns the
+/// way a runtime would (sysfs, the host's bpffs, proc), answers queries,
+/// attaches its fast path (kernel hits) and installs NOTRACK through the
+/// image's own nft.
+#[test]
+fn image_runs_chrooted_in_a_test_netns_with_its_fast_path() {
+    let inspect: Value =
+        serde_json::from_str(&buildah(&["inspect", "--type", "image", IMAGE])).unwrap();
+    let cfg = &inspect["OCIv1"]["config"];
+    assert_eq!(
+        cfg["Entrypoint"],
+        serde_json::json!(["/usr/bin/localdns-user"])
+    );
+    assert_eq!(cfg["User"], "0:0");
+    assert_eq!(cfg["Labels"]["org.opencontainers.image.title"], "localdns");
+    assert_eq!(
+        cfg["Labels"]["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let m = Mounted::new(IMAGE);
+    let content = files(&m.root);
+    assert!(
+        content.contains(&"usr/bin/localdns-user".to_string()),
+        "{content:?}"
+    );
+    assert!(content.contains(&"usr/sbin/nft".to_string()), "{content:?}");
+    for f in &content {
+        assert!(
+            f.starts_with("usr/bin/localdns-user")
+                || f.starts_with("usr/sbin/nft")
+                || f.starts_with("lib")
+                || f.starts_with("usr/lib")
+                || f == "etc/localdns/localdnsconfig.json",
+            "unexpected file in the image: {f}"
+        );
+    }
+    let file = Command::new("file")
+        .arg(m.root.join("usr/bin/localdns-user"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(file.is_empty() || file.contains("static"), "{file}");
+
+    let t = Topo::new();
+    let root = m.root.display().to_string();
+    let script = format!(
+        "mount -t sysfs sysfs {root}/sys && mount --bind {bpffs} {root}/sys/fs/bpf && \
+         mount -t proc proc {root}/proc && exec chroot {root} /usr/bin/localdns-user \"$@\"",
+        bpffs = t.bpffs.path.display()
+    );
+    let mut cmd = t.node.cmd("unshare");
+    // The environment a runtime gives: the image's own.
+    cmd.env_clear();
+    for kv in cfg["Env"].as_array().unwrap() {
+        let (k, v) = kv.as_str().unwrap().split_once('=').unwrap();
+        cmd.env(k, v);
+    }
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
+    cmd.args(["--vnet-dns", UPSTREAM_IP, "--cluster-dns", UPSTREAM_IP]);
+    cmd.args(["--iface", "vpod*", "--fastpath", "required"]);
+    cmd.args(["--metrics", "none", "--health", "none"]);
+    let log = t.dir.path.join("image.log");
+    let mut d = Proc::spawn(cmd, "localdns-user (image)", &log);
+    let ready = wait_for(Duration::from_secs(20), || {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.contains("localdns ready").then_some(())
+    });
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(ready.is_some(), "image daemon not ready:\n{}", log_text());
+    assert_eq!(t.dig(VNET, "www.example.test", "A").unwrap().0, "NOERROR");
+    let hits = t.kernel_stat("hit");
+    assert_eq!(t.dig(VNET, "www.example.test", "A").unwrap().0, "NOERROR");
+    assert_eq!(
+        t.kernel_stat("hit"),
+        hits + 1,
+        "no kernel hit:\n{}",
+        log_text()
+    );
+    let link = t.node.sh_ok("ip", &["-d", "link", "show", "vpod0"]);
+    assert!(link.contains("prog/xdp"), "{link}");
+    assert!(!log_text().contains("ERROR"), "{}", log_text());
+    let rules = t.node.output("nft", &["list", "table", "inet", "localdns"]);
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(rules.contains("notrack"), "{rules}\n{}", log_text());
+    assert!(d.terminate(Duration::from_secs(10)));
 }

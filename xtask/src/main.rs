@@ -5,6 +5,7 @@
 //! 0.10.3 for the eBPF crate, and the Debian packages the daemon and the
 //! tests use.
 
+mod image;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -31,7 +32,8 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages: the daemon needs iproute2 and nftables; the tests need
 /// real DNS clients and servers, bpftool, nsenter and setpriv,
 /// systemd-analyze for the unit files, dnsmasq as a second-hop forwarder,
-/// python3-venv for kubernetes-validate (from PyPI),
+/// python3-venv for kubernetes-validate (from PyPI), buildah and binutils
+/// for the image,
 /// and qemu with a static busybox to
 /// run the kernel tests on a second kernel.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -51,6 +53,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     "dnsmasq-base",
     "python3-venv",
+    "buildah",
+    "binutils",
 ];
 
 #[derive(Parser)]
@@ -82,6 +86,9 @@ enum Cmd {
     },
     /// fmt check and clippy -D warnings on both userspace and eBPF crates.
     Lint,
+    /// Build the container image (static musl binary, from scratch, with
+    /// buildah) as localhost/localdns:<version>.
+    Image,
     /// Run each cargo-fuzz target (fuzz/) for this long (by hand; the test
     /// command runs them for 15 s).
     Fuzz {
@@ -146,6 +153,15 @@ fn prereqs_with(packages: &[&str]) -> Result<()> {
                 "nightly",
             ]))?;
         }
+    }
+    // The container image's static binary.
+    let targets = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !targets.lines().any(|t| t.trim() == image::MUSL) {
+        run(Command::new("rustup").args(["target", "add", image::MUSL]))?;
     }
     let linker_ok = Command::new("bpf-linker")
         .arg("--version")
@@ -336,6 +352,10 @@ fn main() -> Result<()> {
             let bin = root().join("target/release/localdns-user");
             run(Command::new(bin).args(args))
         }
+        Cmd::Image => {
+            prereqs()?;
+            image::build()
+        }
         Cmd::Lint => {
             prereqs()?;
             lint()
@@ -364,6 +384,8 @@ fn main() -> Result<()> {
             prereqs()?;
             lint()?;
             build()?;
+            // The image test runs the image this builds.
+            image::build()?;
             let bin = root().join("target/release/localdns-user");
             run(cargo()
                 .args(["test", "--release"])
