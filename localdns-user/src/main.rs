@@ -81,6 +81,9 @@ enum Cmd {
         #[arg(long = "listen6")]
         listen6: Vec<std::net::Ipv6Addr>,
     },
+    /// Do nothing until SIGTERM or SIGINT (keeps the pod of the teardown
+    /// DaemonSet running once its init container has torn down).
+    Pause,
     /// Inspect the running instance's pinned kernel maps.
     Cache {
         #[command(subcommand)]
@@ -191,6 +194,14 @@ fn main() -> Result<()> {
     match cli.cmd {
         Some(Cmd::CheckConfig { file }) => check_config(&file),
         Some(Cmd::Cache { op, pin_path }) => cache_cmd(op, &pin_path),
+        Some(Cmd::Pause) => runtime()?.block_on(async {
+            let mut term = signal(SignalKind::terminate())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(())
+        }),
         Some(Cmd::Teardown { pin_path, listen6 }) => {
             init_logging(false);
             runtime()?.block_on(teardown(&pin_path, &listen6))

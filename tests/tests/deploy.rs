@@ -152,12 +152,13 @@ fn daemon_runs_with_only_the_units_capabilities() {
     assert!(!link.contains("prog/xdp"), "{link}");
 }
 
-const MANIFESTS: [&str; 5] = [
+const MANIFESTS: [&str; 6] = [
     "namespace.yaml",
     "serviceaccount.yaml",
     "configmap.yaml",
     "daemonset.yaml",
     "service.yaml",
+    "teardown/daemonset.yaml",
 ];
 
 /// The virtualenv `cargo xtask` prepares (kubernetes-validate, PyYAML).
@@ -212,9 +213,22 @@ fn kubernetes_manifests_validate_against_the_openapi_schemas() {
     assert!(!validate(&bad).status.success(), "misspelt field accepted");
     // kustomize applies exactly these.
     let k = read("deploy/kubernetes/kustomization.yaml");
-    for m in MANIFESTS {
+    for m in MANIFESTS.iter().filter(|m| !m.starts_with("teardown/")) {
         assert!(k.contains(&format!("  - {m}")), "{m} not in kustomization");
     }
+    // The teardown DaemonSet runs `teardown` with the same capabilities
+    // and mounts only the host's bpffs.
+    let td = manifest("teardown/daemonset.yaml");
+    let pod = &td["spec"]["template"]["spec"];
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["args"], serde_json::json!(["teardown"]));
+    assert_eq!(
+        init["securityContext"]["capabilities"],
+        manifest("daemonset.yaml")["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+            ["capabilities"]
+    );
+    assert_eq!(pod["containers"][0]["args"], serde_json::json!(["pause"]));
+    assert_eq!(pod["volumes"].as_array().unwrap().len(), 1);
 }
 
 #[test]
@@ -551,4 +565,26 @@ fn image_runs_chrooted_in_a_test_netns_with_its_fast_path() {
     let rules = String::from_utf8_lossy(&rules.stdout);
     assert!(rules.contains("notrack"), "{rules}\n{}", log_text());
     assert!(d.terminate(Duration::from_secs(10)));
+    // The teardown DaemonSet's command, from the same image.
+    let mut cmd = t.node.cmd("unshare");
+    cmd.env_clear();
+    for kv in cfg["Env"].as_array().unwrap() {
+        let (k, v) = kv.as_str().unwrap().split_once('=').unwrap();
+        cmd.env(k, v);
+    }
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
+    let out = cmd.arg("teardown").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let link = t.node.sh_ok("ip", &["-d", "link", "show", "vpod0"]);
+    assert!(!link.contains("prog/xdp"), "{link}");
+    let gone = t.node.output("nft", &["list", "table", "inet", "localdns"]);
+    assert!(!gone.status.success(), "NOTRACK table left");
 }
