@@ -53,7 +53,7 @@ pub const MAP_META: &str = "LDNS_META";
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
@@ -61,9 +61,10 @@ pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 ///
 /// - purpose: one event per kernel-answered query of a zone with
 ///   `queryLogging: Log`, so those queries are logged like daemon-answered
-///   ones (CoreDNS `log` format)
-/// - writer: XDP/TC program (only for entries with [`CacheValue::log`] set);
-///   reader: the daemon
+///   ones (CoreDNS `log` format); and one per entry that reached its
+///   prefetch amount ([`EVENT_PREFETCH`]), so the daemon refreshes it
+/// - writer: XDP/TC program (entries with [`CacheValue::log`] set, and
+///   prefetch reports); reader: the daemon
 /// - capacity: [`LOG_RING_BYTES`]; when full, events are dropped and counted
 ///   in [`STAT_LOG_DROPPED`] (the reply is still sent)
 pub const MAP_LOG: &str = "LDNS_LOG";
@@ -135,8 +136,9 @@ pub const MAX_REPLY: usize = 1232;
 /// Largest response part after the question that the kernel serves (a
 /// reply of at most [`MAX_REPLY`] bytes, rounded up to whole words).
 pub const MAX_TAIL: usize = 1216;
-/// Largest number of TTL fields a kernel-served response may carry.
-pub const MAX_TTLS: usize = 32;
+/// Largest number of TTL fields a kernel-served response may carry (28:
+/// the value header stays 120 bytes with the prefetch fields).
+pub const MAX_TTLS: usize = 28;
 /// UDP payload size limit for clients without EDNS (RFC 1035).
 pub const PLAIN_UDP_MAX: u16 = 512;
 
@@ -226,6 +228,17 @@ pub struct CacheValue {
     pub _pad: u8,
     /// Stat slot of the entry's answers (see [`STAT_ZONE_BASE`]).
     pub stat: u16,
+    /// Prefetch (CoreDNS `prefetch`): answers the kernel gave from this
+    /// entry since its prefetch window opened. Written by the program
+    /// (plain read-modify-write: a lost count only delays the report).
+    pub hits: u16,
+    /// Hits in the window at which the program reports the entry on
+    /// `LDNS_LOG` ([`EVENT_PREFETCH`]) so the daemon refreshes it before
+    /// it expires; 0: never.
+    pub prefetch_amount: u16,
+    /// Milliseconds after `insert_ns` at which the prefetch window opens
+    /// (the last `percentage` of the TTL).
+    pub prefetch_ms: u32,
     /// Offsets of TTL fields from the start of the tail, host byte order.
     pub ttl_off: [u16; MAX_TTLS],
     /// `data[..qname_len]`: the lower-cased wire qname, checked against the
@@ -257,6 +270,9 @@ impl CacheValue {
             log: 0,
             _pad: 0,
             stat: 0,
+            hits: 0,
+            prefetch_amount: 0,
+            prefetch_ms: 0,
             ttl_off: [0; MAX_TTLS],
             data: [0; DATA_LEN],
         }
@@ -305,8 +321,15 @@ pub struct LogEvent {
     pub family: u8,
     /// The qname as the client sent it (case preserved), wire format.
     pub qname: [u8; MAX_QNAME + 1],
-    pub _pad: [u8; 4],
+    /// [`EVENT_QUERY`] or [`EVENT_PREFETCH`].
+    pub kind: u8,
+    pub _pad: [u8; 3],
 }
+/// [`LogEvent::kind`]: a kernel-answered query of a `Log` zone.
+pub const EVENT_QUERY: u8 = 0;
+/// [`LogEvent::kind`]: an entry reached its prefetch amount; the daemon
+/// refreshes it (the other fields describe the query that did it).
+pub const EVENT_PREFETCH: u8 = 1;
 const _: () = assert!(core::mem::size_of::<LogEvent>() == 304);
 
 /// Most query bytes after the question the program saves for an undo

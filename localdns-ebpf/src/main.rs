@@ -26,10 +26,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use localdns_common::{
-    CACHE_MAP_ENTRIES, CacheKey, CacheValue, KEY_F_EDNS, LOG_RING_BYTES, LogEvent, MAX_LISTEN,
-    MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta, STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS,
-    STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM, STAT_TRUNCATED, STAT_ZONE_BASE, Scratch,
-    csum_fold,
+    CACHE_MAP_ENTRIES, CacheKey, CacheValue, EVENT_PREFETCH, EVENT_QUERY, KEY_F_EDNS,
+    LOG_RING_BYTES, LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta,
+    STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM,
+    STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, csum_fold,
 };
 
 use answer::Verdict;
@@ -130,10 +130,10 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
         flags: q.kflags,
         _pad: 0,
     };
-    let Some(v) = LDNS_CACHE.get_ptr(key) else {
+    let Some(vp) = LDNS_CACHE.get_ptr_mut(key) else {
         return Verdict::Pass(STAT_MISS);
     };
-    let v = unsafe { &*v };
+    let v = unsafe { &*vp };
     let now = unsafe { h::bpf_ktime_get_ns() };
     let fresh = match answer::check(&q, v, now, scratch) {
         Ok(f) => f,
@@ -150,10 +150,31 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
     };
     let verdict = answer::rewrite::<P, V6>(p, &q, v, &fresh, &stamp, scratch, global(&LDNS_FAULT));
     count_answer::<V6>(&verdict, v);
-    if matches!(verdict, Verdict::Reply { .. }) && v.log != 0 {
-        log_hit::<P, V6>(p, &q, now, fresh.dns_len, u16::from_be(stamp.rflags));
+    if matches!(verdict, Verdict::Reply { .. }) {
+        let rflags = u16::from_be(stamp.rflags);
+        if v.log != 0 {
+            log_hit::<P, V6>(p, &q, now, fresh.dns_len, rflags, EVENT_QUERY);
+        }
+        if prefetch_due(vp, now) {
+            log_hit::<P, V6>(p, &q, now, fresh.dns_len, rflags, EVENT_PREFETCH);
+        }
     }
     verdict
+}
+
+/// Counts a hit in the entry's prefetch window; true once, when the count
+/// reaches the entry's prefetch amount (the daemon then refreshes it and
+/// the new value starts from 0).
+#[inline(always)]
+fn prefetch_due(vp: *mut CacheValue, now: u64) -> bool {
+    let v = unsafe { &*vp };
+    let amount = v.prefetch_amount;
+    if amount == 0 || now < v.insert_ns + u64::from(v.prefetch_ms) * 1_000_000 {
+        return false;
+    }
+    let hits = v.hits.wrapping_add(1);
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*vp).hits), hits) };
+    hits == amount
 }
 
 /// Counts an answer under the entry's stat slot and the family: the only
@@ -166,10 +187,18 @@ fn count_answer<const V6: bool>(verdict: &Verdict, v: &CacheValue) {
     }
 }
 
-/// Emits a query-log event straight into the ring buffer (no stack copy).
+/// Emits a query-log (or prefetch) event straight into the ring buffer (no
+/// stack copy).
 /// The reply still carries the question as the client sent it.
 #[inline(always)]
-fn log_hit<P: Packet, const V6: bool>(p: &P, q: &Query, now: u64, reply_len: usize, rflags: u16) {
+fn log_hit<P: Packet, const V6: bool>(
+    p: &P,
+    q: &Query,
+    now: u64,
+    reply_len: usize,
+    rflags: u16,
+    kind: u8,
+) {
     let o = Off::of(V6);
     let Some(mut slot) = LDNS_LOG.reserve(0) else {
         count(STAT_LOG_DROPPED);
@@ -207,7 +236,8 @@ fn log_hit<P: Packet, const V6: bool>(p: &P, q: &Query, now: u64, reply_len: usi
         (*ev).view = q.view;
         (*ev).kflags = q.kflags;
         (*ev).qname_len = q.qlen as u8;
-        (*ev)._pad = [0; 4];
+        (*ev).kind = kind;
+        (*ev)._pad = [0; 3];
     }
     // Name words: QTYPE, QCLASS and the tail follow the name in the reply,
     // so whole words can be read.

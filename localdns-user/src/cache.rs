@@ -335,13 +335,23 @@ impl Cache {
         // An answer that changed kind (NXDOMAIN now, an address before).
         other.remove(&key);
         let mut evicted = Vec::new();
-        mine.insert_with_lifecycle(key.clone(), entry, &mut evicted);
-        // An entry heavier than the whole store is refused and reported
-        // as evicted at once; it was never cached, so it is not counted
-        // (its key is still returned: an older kernel copy must go).
-        let refused = evicted.iter().filter(|k| **k == key).count() as u64;
-        self.evictions
-            .fetch_add(evicted.len() as u64 - refused, Ordering::Relaxed);
+        mine.insert_with_lifecycle(key.clone(), entry.clone(), &mut evicted);
+        // The key itself shows up in two cases. Replacing an older entry
+        // reports the old one: not an eviction, and the key stays (the
+        // caller has just written the new entry to the kernel; removing
+        // it there would send the name to the daemon until it is put back).
+        // An entry heavier than the whole store is refused and reported as
+        // evicted at once: never cached, not counted, but its key is
+        // returned (an older kernel copy must go).
+        let stored = mine.peek(&key).is_some_and(|e| Arc::ptr_eq(&e, &entry));
+        let before = evicted.len();
+        evicted.retain(|k| *k != key);
+        let own = (before - evicted.len()) as u64;
+        if !stored && own > 0 {
+            evicted.push(key);
+        }
+        let counted = evicted.len() as u64 - u64::from(!stored && own > 0);
+        self.evictions.fetch_add(counted, Ordering::Relaxed);
         evicted
     }
 
@@ -474,6 +484,19 @@ pub(crate) mod tests {
         assert!(c.sweep(25, 26).expired.is_empty(), "already reported");
         assert_eq!(c.sweep(26, 100).gone.len(), 3);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn replacing_an_entry_does_not_report_its_key() {
+        let c = Cache::new(cap(100, 100));
+        let (k, e) = entry("a", u64::MAX, u64::MAX, 1, 0);
+        assert!(c.insert(k.clone(), e).is_empty());
+        // A refresh (prefetch, serve-stale) replaces the entry: the caller
+        // has put the new one in the kernel and must not remove it.
+        let (_, e2) = entry("a", u64::MAX - 1, u64::MAX, 1, 0);
+        assert!(c.insert(k.clone(), e2.clone()).is_empty());
+        assert!(c.get(&k).is_some_and(|e| Arc::ptr_eq(&e, &e2)));
+        assert_eq!(c.evictions.load(Ordering::Relaxed), 0);
     }
 
     #[test]

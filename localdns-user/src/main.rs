@@ -177,6 +177,13 @@ struct RunArgs {
     /// reload 5s, fallthrough). A missing file is picked up when it appears.
     #[arg(long)]
     hosts_file: Option<PathBuf>,
+    /// Prefetch (CoreDNS `prefetch`): an entry the kernel answers this many
+    /// times in the last --prefetch-percent of its TTL is refreshed before
+    /// it expires, so hot names never leave the kernel. 0 disables.
+    #[arg(long, default_value_t = 2)]
+    prefetch_amount: u16,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
+    prefetch_percent: u8,
     /// Seconds between loop probes (CoreDNS `loop`: a random name sent to
     /// each forwarded zone's upstreams; coming back means a loop).
     #[arg(long, default_value_t = loopdetect::REPROBE.as_secs_f64())]
@@ -488,9 +495,14 @@ async fn serve(
     }
     if let Some(fp) = &fastpath {
         let fp2 = fp.clone();
-        tasks.push(tokio::spawn(
-            async move { fp2.drain_log(log_kernel_hit).await },
-        ));
+        let r = res.clone();
+        tasks.push(tokio::spawn(async move {
+            fp2.drain_log(|ev| match ev.kind {
+                localdns_common::EVENT_PREFETCH => r.prefetch(ev),
+                _ => log_kernel_hit(ev),
+            })
+            .await
+        }));
         tasks.push(tokio::spawn(follow_interfaces(
             nl.clone(),
             fp.clone(),
@@ -590,6 +602,10 @@ fn start_fastpath(args: &RunArgs) -> Result<Option<Arc<Fastpath>>> {
         pin_dir: args.pin_path.clone(),
         entries: args.fastpath_entries,
         mode: args.attach_mode,
+        prefetch: (args.prefetch_amount > 0).then_some(fastpath::Prefetch {
+            amount: args.prefetch_amount,
+            percent: args.prefetch_percent,
+        }),
     };
     match Fastpath::start(&o) {
         Ok(fp) => {

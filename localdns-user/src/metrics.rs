@@ -260,6 +260,7 @@ pub struct Metrics {
     pub cache_misses: Family<CacheZoneLabels, Counter>,
     pub cache_requests: Family<CacheZoneLabels, Counter>,
     pub cache_stale: Family<CacheZoneLabels, Counter>,
+    pub cache_prefetch: Family<CacheZoneLabels, Counter>,
     pub cache_entries: Family<KindLabels, Gauge>,
     pub cache_evictions: Counter,
     pub fwd_requests: Family<ToLabels, Counter>,
@@ -311,6 +312,7 @@ impl Metrics {
             cache_misses: Family::default(),
             cache_requests: Family::default(),
             cache_stale: Family::default(),
+            cache_prefetch: Family::default(),
             cache_entries: Family::default(),
             cache_evictions: Counter::default(),
             fwd_requests: Family::default(),
@@ -376,6 +378,11 @@ impl Metrics {
             "coredns_cache_served_stale",
             "The number of requests served from stale cache entries.",
             m.cache_stale.clone(),
+        );
+        r.register(
+            "coredns_cache_prefetch",
+            "The number of times the cache has prefetched a cached item.",
+            m.cache_prefetch.clone(),
         );
         r.register(
             "coredns_cache_entries",
@@ -688,6 +695,16 @@ impl Metrics {
         self.cache_stale
             .get_or_create(&CacheZoneLabels {
                 server: self.server(view, v6),
+                zones: zone,
+                view: view_label(view),
+            })
+            .inc();
+    }
+
+    pub fn prefetch(&self, view: u8, zone: &'static str) {
+        self.cache_prefetch
+            .get_or_create(&CacheZoneLabels {
+                server: self.server(view, false),
                 zones: zone,
                 view: view_label(view),
             })

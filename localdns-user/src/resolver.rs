@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use localdns_common::VIEW_KUBE;
+use localdns_common::{LogEvent, VIEW_KUBE};
 
 use crate::cache::{Cache, Capacity, Entry, Key, is_denial, mono_ns};
 use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zone, ZoneSettings};
@@ -51,6 +51,32 @@ struct ZoneRt {
 
 fn view_name(view: u8) -> &'static str {
     if view == 0 { "vnet" } else { "kube" }
+}
+
+/// A query with the cache key bits `kflags` (CD, EDNS, DO) for a name the
+/// kernel reported: what the daemon forwards when it refreshes that key.
+fn query_for_key(qname: &[u8], qtype: u16, qclass: u16, kflags: u8) -> Option<Query> {
+    use localdns_common::{KEY_F_CD, KEY_F_DO, KEY_F_EDNS};
+    let edns = kflags & KEY_F_EDNS != 0;
+    let mut m = Vec::with_capacity(12 + qname.len() + 15);
+    let flags = wire::F_RD
+        | if kflags & KEY_F_CD != 0 {
+            wire::F_CD
+        } else {
+            0
+        };
+    m.extend_from_slice(&[0, 0]);
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
+    m.extend_from_slice(qname);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&qclass.to_be_bytes());
+    if edns {
+        let do_hi = if kflags & KEY_F_DO != 0 { 0x80 } else { 0 };
+        let size = wire::OUR_UDP_SIZE.to_be_bytes();
+        m.extend_from_slice(&[0, 0, 41, size[0], size[1], 0, 0, do_hi, 0, 0, 0]);
+    }
+    wire::parse_query(&m).ok()
 }
 
 /// `<name> HINFO` with RD, as CoreDNS `loop` asks.
@@ -118,6 +144,7 @@ pub struct Counters {
     pub malformed: AtomicU64,
     /// Misses answered by joining an identical miss already in flight.
     pub coalesced: AtomicU64,
+    pub prefetched: AtomicU64,
 }
 
 /// The zones of both views, swapped as a whole on reload.
@@ -545,6 +572,25 @@ impl Resolver {
         }
     }
 
+    /// The kernel reports an entry it answered `prefetch_amount` times near
+    /// its expiry: refresh it in the background (one flight per key), so
+    /// the kernel map gets the fresh answer before the old one expires.
+    pub fn prefetch(self: &Arc<Self>, ev: &LogEvent) {
+        let qn = &ev.qname[..(ev.qname_len as usize).min(ev.qname.len())];
+        let Some(q) = query_for_key(qn, ev.qtype, ev.qclass, ev.kflags) else {
+            return;
+        };
+        let key = Key::of(ev.view, &q);
+        if self.cache.get(&key).is_none() {
+            return; // evicted meanwhile: the next query fetches it anyway
+        }
+        let views = self.views();
+        let zone = find_zone(&views, ev.view, &q.qname_lower);
+        metrics().prefetch(ev.view, zone.label);
+        self.counters.prefetched.fetch_add(1, Ordering::Relaxed);
+        self.refresh_in_background(ev.view, q, key);
+    }
+
     /// serveStale Immediate: one background refresh per entry at a time.
     fn refresh_in_background(self: &Arc<Self>, view: u8, q: Query, key: Key) {
         {
@@ -854,6 +900,25 @@ mod tests {
         assert!(r.cache.get(&key(VIEW_KUBE, svc)).is_none());
         for (view, name) in [(VIEW_VNET, www), (VIEW_KUBE, www), (VIEW_VNET, svc)] {
             assert!(r.cache.get(&key(view, name)).is_some());
+        }
+    }
+
+    #[test]
+    fn a_prefetch_report_names_the_reported_key() {
+        use crate::wire::testmsg::query;
+        for (edns, cd) in [
+            (None, false),
+            (Some((1232, false)), true),
+            (Some((512, true)), false),
+        ] {
+            let mut raw = query("WwW.Example.test", 28, edns);
+            if cd {
+                raw[3] |= 0x10;
+            }
+            let q = wire::parse_query(&raw).unwrap();
+            let want = Key::of(VIEW_KUBE, &q);
+            let again = query_for_key(&q.qname, q.qtype, q.qclass, q.key_flags()).expect("a query");
+            assert_eq!(Key::of(VIEW_KUBE, &again), want, "{edns:?} cd={cd}");
         }
     }
 

@@ -267,8 +267,10 @@ fn resp_txt_1200(q: &[u8]) -> Vec<u8> {
     let strings: Vec<String> = (0..5).map(|i| format!("{i}").repeat(220)).collect();
     dns_response(q, 0, &[msg::txt(&msg::qname_of(q), 300, &strings)], &[])
 }
+/// About 600 bytes in 21 records (the kernel takes up to 28 TTL fields).
 fn resp_big(q: &[u8]) -> Vec<u8> {
-    let rrs: Vec<_> = (0..30).map(|i| a_rr(q, 300, [10, 0, 0, i])).collect();
+    let mut rrs: Vec<_> = (0..20).map(|i| a_rr(q, 300, [10, 0, 0, i])).collect();
+    rrs.push(msg::txt(&msg::qname_of(q), 300, &["t".repeat(250)]));
     dns_response(q, 0, &rrs, &[])
 }
 
@@ -865,6 +867,63 @@ fn logged_entries_emit_an_event_per_hit() {
         ev.kflags,
         localdns_common::KEY_F_EDNS | localdns_common::KEY_F_DO
     );
+}
+
+/// Prefetch: hits before the entry's window opens are not counted; in the
+/// window, the hit that reaches the amount (and only that one) reports the
+/// key on the ring, with the fields the daemon rebuilds the key from.
+#[test]
+fn prefetch_window_reports_an_entry_once() {
+    let mut rig = Rig::new();
+    let mut ring =
+        aya::maps::RingBuf::try_from(rig.ebpf.take_map(localdns_common::MAP_LOG).unwrap()).unwrap();
+    let q = dns_query(0x1111, "www.example.test", 1, 0x0110, None);
+    let pq = parse_query(&q).unwrap();
+    let key = Key::of(localdns_common::VIEW_KUBE, &pq);
+    let e = Entry::from_upstream(&pq, &resp_a(&q), 3600, 0, mono_ns()).unwrap();
+    let mut v = encode::value(&e).unwrap();
+    let bkey = encode::key(&key, SEED);
+    let frame = udp_to(KUBE, 53).build(&q);
+    // Window far ahead: hits answer, nothing is counted or reported.
+    v.prefetch_amount = 3;
+    v.prefetch_ms = 3_000_000;
+    rig.cache.insert(bkey, v, 0).unwrap();
+    for _ in 0..4 {
+        assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
+    }
+    assert!(ring.next().is_none());
+    assert_eq!(rig.cache.get(&bkey, 0).unwrap().hits, 0);
+    // Window open: the third hit reports, the fourth and fifth do not.
+    v.prefetch_ms = 0;
+    rig.cache.insert(bkey, v, 0).unwrap();
+    let mut events = Vec::new();
+    for i in 0..5 {
+        assert_eq!(rig.run("xdp", &frame).0, XDP_TX, "hit {i}");
+        while let Some(item) = ring.next() {
+            // SAFETY: the program writes exactly one LogEvent per record.
+            let ev: localdns_common::LogEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            events.push((i, ev));
+        }
+    }
+    assert_eq!(events.len(), 1, "one report");
+    let (at, ev) = &events[0];
+    assert_eq!(*at, 2, "reported on the hit that reached the amount");
+    assert_eq!(ev.kind, localdns_common::EVENT_PREFETCH);
+    assert_eq!(
+        (ev.view, ev.qtype, ev.qclass),
+        (localdns_common::VIEW_KUBE, 1, 1)
+    );
+    assert_eq!(ev.kflags, pq.key_flags(), "CD is part of the key");
+    assert_eq!(&ev.qname[..ev.qname_len as usize], &pq.qname[..]);
+    assert_eq!(rig.cache.get(&bkey, 0).unwrap().hits, 5);
+    // Amount 0: never reported.
+    v.prefetch_amount = 0;
+    rig.cache.insert(bkey, v, 0).unwrap();
+    for _ in 0..3 {
+        assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
+    }
+    assert!(ring.next().is_none());
 }
 
 /// The benchmark's null responder: QR set, addresses and ports swapped,

@@ -223,6 +223,16 @@ pub struct Options {
     pub pin_dir: PathBuf,
     pub entries: u32,
     pub mode: AttachMode,
+    pub prefetch: Option<Prefetch>,
+}
+
+/// CoreDNS `prefetch AMOUNT ... PERCENTAGE%`: an entry answered `amount`
+/// times by the kernel in the last `percent` of its TTL is reported to the
+/// daemon, which refreshes it before it expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefetch {
+    pub amount: u16,
+    pub percent: u8,
 }
 
 /// A loaded fast path. Dropping it leaves everything in the kernel: the
@@ -234,6 +244,7 @@ pub struct Fastpath {
     attacher: Mutex<Attacher>,
     seed: u64,
     generations: Generations,
+    prefetch: Option<Prefetch>,
     pub origin: Origin,
 }
 
@@ -315,6 +326,7 @@ impl Fastpath {
             attacher: Mutex::new(Attacher::new(ebpf, pins, o.mode)),
             seed,
             generations: Generations::default(),
+            prefetch: o.prefetch,
             origin,
         })
     }
@@ -359,6 +371,12 @@ impl Fastpath {
             Ok(mut v) => {
                 v.log = u8::from(log);
                 v.stat = stat;
+                if let Some(p) = self.prefetch {
+                    v.prefetch_amount = p.amount;
+                    // ms into the TTL at which its last `percent` begins.
+                    let ms = u64::from(v.ttl) * 10 * u64::from(100 - p.percent.min(100));
+                    v.prefetch_ms = u32::try_from(ms).unwrap_or(u32::MAX);
+                }
                 v.generation = self.generations.next();
                 if let Err(e) = map.insert(bkey, v, 0) {
                     tracing::warn!(error = %e, "writing the kernel cache failed");
