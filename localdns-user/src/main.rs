@@ -790,10 +790,6 @@ fn init_logging(json: bool) {
     }
 }
 
-fn view_name(v: u8) -> &'static str {
-    if v == VIEW_KUBE { "kube" } else { "vnet" }
-}
-
 fn cache_cmd(op: CacheOp, pin: &Path) -> Result<()> {
     let (mut cache, stats) = fastpath::open_pinned(pin)
         .with_context(|| format!("no running instance's maps under {}", pin.display()))?;
@@ -819,7 +815,7 @@ fn cache_cmd(op: CacheOp, pin: &Path) -> Result<()> {
                 }
                 println!(
                     "{} {} {} flags={} ttl={} expires_in={}s bytes={} records={}",
-                    view_name(k.view),
+                    metrics::view_label(k.view),
                     name_to_text(qn),
                     type_name(k.qtype),
                     if fl.is_empty() {

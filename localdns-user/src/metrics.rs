@@ -489,7 +489,7 @@ impl Metrics {
     pub fn set_loop(&self, view: u8, zone: &'static str, looping: bool) {
         self.looping
             .get_or_create(&ViewZoneLabels {
-                view: if view == 0 { "vnet" } else { "kube" },
+                view: view_label(view),
                 zone,
             })
             .set(i64::from(looping));

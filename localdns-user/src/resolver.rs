@@ -18,7 +18,7 @@ use crate::config::{Config, Destination, QueryLogging, ServeStale, ViewKind, Zon
 use crate::fastpath::Fastpath;
 use crate::forward::{ForwardError, Forwarder, Upstream};
 use crate::loopdetect::{self, Loops};
-use crate::metrics::{Answered, SlotKey, intern, metrics, type_label};
+use crate::metrics::{Answered, SlotKey, intern, metrics, type_label, view_label};
 use crate::querylog;
 use crate::synth::{self, Hosts};
 use crate::wire::{
@@ -47,10 +47,6 @@ struct ZoneRt {
     /// The zone as CoreDNS's metrics label it: "." or "cluster.local.".
     label: &'static str,
     fwd: Arc<Forwarder>,
-}
-
-fn view_name(view: u8) -> &'static str {
-    if view == 0 { "vnet" } else { "kube" }
 }
 
 /// A query with the cache key bits `kflags` (CD, EDNS, DO) for a name the
@@ -97,7 +93,7 @@ fn loop_detected((view, zone): loopdetect::ZoneId, client: SocketAddr, q: &Query
     m.set_loop(view, zone, true);
     querylog::emit(format!(
         "[ERROR] plugin/loop: Loop ({client} -> {} view) detected for zone \"{zone}\", see https://coredns.io/plugins/loop#troubleshooting. Query: \"HINFO {}\"",
-        view_name(view),
+        view_label(view),
         q.name_text()
     ));
 }
@@ -619,7 +615,7 @@ impl Resolver {
         if let Some(&(view, zone)) = self.loops.looping().first() {
             return Err(format!(
                 "forwarding loop for zone {zone} of the {} view",
-                view_name(view)
+                view_label(view)
             ));
         }
         let views = self.views();
@@ -629,7 +625,7 @@ impl Resolver {
                 .flat_map(|z| z.fwd.upstreams.iter())
                 .any(|u| !u.is_down());
             if !up {
-                let name = view_name(i as u8);
+                let name = view_label(i as u8);
                 return Err(format!("no healthy upstream for the {name} view"));
             }
         }
@@ -663,7 +659,7 @@ impl Resolver {
                     if let Some(((view, zone), looping)) = me.loops.finish(&name) {
                         metrics().set_loop(view, zone, looping);
                         if !looping {
-                            tracing::info!(view = view_name(view), zone, "forwarding loop gone");
+                            tracing::info!(view = view_label(view), zone, "forwarding loop gone");
                         }
                     }
                 }));
