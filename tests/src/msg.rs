@@ -112,3 +112,51 @@ pub fn soa(zone: &str, ttl: u32, minimum: u32) -> Record {
     let soa = SOA::new(under("ns"), under("admin"), 1, 3600, 600, 86400, minimum);
     Record::from_rdata(z, ttl, RData::SOA(soa))
 }
+
+/// Upstream replies the kernel tests seed their cache entries with (the
+/// BPF_PROG_TEST_RUN table and the kernel fuzz run share them).
+pub mod replies {
+    use super::{a, aaaa, cname, dns_response, name, qname_of, soa, txt};
+
+    /// Two A records (TTLs 300 and 120) for the question name.
+    pub fn a2(q: &[u8]) -> Vec<u8> {
+        let n = qname_of(q);
+        let answers = [a(&n, 300, [192, 0, 2, 10]), a(&n, 120, [192, 0, 2, 11])];
+        dns_response(q, 0, &answers, &[])
+    }
+
+    pub fn aaaa1(q: &[u8]) -> Vec<u8> {
+        let ip6 = "2001:db8::10".parse().unwrap();
+        dns_response(q, 0, &[aaaa(&qname_of(q), 600, ip6)], &[])
+    }
+
+    /// The question name CNAME www.example.test; www A 192.0.2.10 (the
+    /// encoder compresses both names into the question's).
+    pub fn cname_a(q: &[u8]) -> Vec<u8> {
+        let www = name("www.example.test.");
+        let answers = [
+            cname(&qname_of(q), 3600, "www.example.test."),
+            a(&www, 45, [192, 0, 2, 10]),
+        ];
+        dns_response(q, 0, &answers, &[])
+    }
+
+    pub fn nxdomain(q: &[u8]) -> Vec<u8> {
+        dns_response(q, 3, &[], &[soa("example.test.", 300, 60)])
+    }
+
+    /// A TXT answer of about 1150 bytes: a reply of about 1200.
+    pub fn txt_1200(q: &[u8]) -> Vec<u8> {
+        let strings: Vec<String> = (0..5).map(|i| format!("{i}").repeat(220)).collect();
+        dns_response(q, 0, &[txt(&qname_of(q), 300, &strings)], &[])
+    }
+
+    /// About 600 bytes in 21 records (the kernel takes up to 28 TTL
+    /// fields): TC=1 for a 512-byte client, a hit for a larger one.
+    pub fn big(q: &[u8]) -> Vec<u8> {
+        let n = qname_of(q);
+        let mut rrs: Vec<_> = (0..20).map(|i| a(&n, 300, [10, 0, 0, i])).collect();
+        rrs.push(txt(&n, 300, &["t".repeat(250)]));
+        dns_response(q, 0, &rrs, &[])
+    }
+}

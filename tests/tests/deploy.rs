@@ -470,6 +470,34 @@ fn files(root: &Path) -> Vec<String> {
     out
 }
 
+/// The image's entrypoint in `t`'s node netns as a runtime would start it:
+/// its own root (chroot) with sysfs, the node's bpffs and proc mounted, and
+/// the image's environment only. Arguments go after.
+fn run_image(t: &Topo, root: &Path, cfg: &Value) -> Command {
+    let root = root.display();
+    let script = format!(
+        "mount -t sysfs sysfs {root}/sys && mount --bind {bpffs} {root}/sys/fs/bpf && \
+         mount -t proc proc {root}/proc && exec chroot {root} /usr/bin/localdns-user \"$@\"",
+        bpffs = t.bpffs.path.display()
+    );
+    let mut cmd = t.node.cmd("unshare");
+    cmd.env_clear();
+    for kv in cfg["Env"].as_array().unwrap() {
+        let (k, v) = kv.as_str().unwrap().split_once('=').unwrap();
+        cmd.env(k, v);
+    }
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
+    cmd
+}
+
 /// The image's OCI config says what the DaemonSet relies on; its content
 /// is the static daemon plus nft and its libraries (no shell, no package
 /// manager); and its entrypoint, run with chroot in a test node netns the
@@ -516,28 +544,7 @@ fn image_runs_chrooted_in_a_test_netns_with_its_fast_path() {
     assert!(file.is_empty() || file.contains("static"), "{file}");
 
     let t = Topo::new();
-    let root = m.root.display().to_string();
-    let script = format!(
-        "mount -t sysfs sysfs {root}/sys && mount --bind {bpffs} {root}/sys/fs/bpf && \
-         mount -t proc proc {root}/proc && exec chroot {root} /usr/bin/localdns-user \"$@\"",
-        bpffs = t.bpffs.path.display()
-    );
-    let mut cmd = t.node.cmd("unshare");
-    // The environment a runtime gives: the image's own.
-    cmd.env_clear();
-    for kv in cfg["Env"].as_array().unwrap() {
-        let (k, v) = kv.as_str().unwrap().split_once('=').unwrap();
-        cmd.env(k, v);
-    }
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-        "sh",
-    ]);
+    let mut cmd = run_image(&t, &m.root, cfg);
     cmd.args(["--vnet-dns", UPSTREAM_IP, "--cluster-dns", UPSTREAM_IP]);
     cmd.args(["--iface", "vpod*", "--fastpath", "required"]);
     cmd.args(["--metrics", "none", "--health", "none"]);
@@ -566,21 +573,7 @@ fn image_runs_chrooted_in_a_test_netns_with_its_fast_path() {
     assert!(rules.contains("notrack"), "{rules}\n{}", log_text());
     assert!(d.terminate(Duration::from_secs(10)));
     // The teardown DaemonSet's command, from the same image.
-    let mut cmd = t.node.cmd("unshare");
-    cmd.env_clear();
-    for kv in cfg["Env"].as_array().unwrap() {
-        let (k, v) = kv.as_str().unwrap().split_once('=').unwrap();
-        cmd.env(k, v);
-    }
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-        "sh",
-    ]);
+    let mut cmd = run_image(&t, &m.root, cfg);
     let out = cmd.arg("teardown").output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let link = t.node.sh_ok("ip", &["-d", "link", "show", "vpod0"]);

@@ -14,6 +14,7 @@ use localdns_common::{
     STAT_NOT_DNS, STAT_PASS_COLLISION, STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP,
     STAT_PASS_QNAME,
 };
+use localdns_tests::msg::replies;
 use localdns_tests::*;
 use localdns_user::cache::{Entry, Key, mono_ns};
 use localdns_user::fastpath::{self, Globals, encode};
@@ -224,54 +225,14 @@ struct Case {
     expect: Expect,
 }
 
-fn resp_a(q: &[u8]) -> Vec<u8> {
-    dns_response(
-        q,
-        0,
-        &[a_rr(q, 300, [192, 0, 2, 10]), a_rr(q, 120, [192, 0, 2, 11])],
-        &[],
-    )
-}
 fn resp_short(q: &[u8]) -> Vec<u8> {
     dns_response(q, 0, &[a_rr(q, 2, [192, 0, 2, 10])], &[])
 }
-/// `resp_a` from a validating upstream: AD set.
+/// `replies::a2` from a validating upstream: AD set.
 fn resp_a_ad(q: &[u8]) -> Vec<u8> {
-    let mut r = resp_a(q);
+    let mut r = replies::a2(q);
     r[3] |= 0x20;
     r
-}
-fn resp_aaaa(q: &[u8]) -> Vec<u8> {
-    let ip6 = "2001:db8::10".parse().unwrap();
-    dns_response(q, 0, &[msg::aaaa(&msg::qname_of(q), 600, ip6)], &[])
-}
-fn resp_cname(q: &[u8]) -> Vec<u8> {
-    // alias.example.test CNAME www.example.test; www A 192.0.2.10 (the
-    // encoder compresses both names into the question's).
-    let www = msg::name("www.example.test.");
-    dns_response(
-        q,
-        0,
-        &[
-            msg::cname(&msg::qname_of(q), 3600, "www.example.test."),
-            msg::a(&www, 45, [192, 0, 2, 10]),
-        ],
-        &[],
-    )
-}
-fn resp_nxdomain(q: &[u8]) -> Vec<u8> {
-    dns_response(q, 3, &[], &[msg::soa("example.test.", 300, 60)])
-}
-/// A TXT answer of about 1150 bytes: a reply of about 1200.
-fn resp_txt_1200(q: &[u8]) -> Vec<u8> {
-    let strings: Vec<String> = (0..5).map(|i| format!("{i}").repeat(220)).collect();
-    dns_response(q, 0, &[msg::txt(&msg::qname_of(q), 300, &strings)], &[])
-}
-/// About 600 bytes in 21 records (the kernel takes up to 28 TTL fields).
-fn resp_big(q: &[u8]) -> Vec<u8> {
-    let mut rrs: Vec<_> = (0..20).map(|i| a_rr(q, 300, [10, 0, 0, i])).collect();
-    rrs.push(msg::txt(&msg::qname_of(q), 300, &["t".repeat(250)]));
-    dns_response(q, 0, &rrs, &[])
 }
 
 fn udp_to(dst: impl Into<IpAddr>, dport: u16) -> FrameSpec {
@@ -395,77 +356,77 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "IPv6 hit, EDNS with cookie",
-            seed: seed(VNET6.into(), &q_www, resp_a, NS / 2),
+            seed: seed(VNET6.into(), &q_www, replies::a2, NS / 2),
             frame: f(VNET6.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "IPv6 kube view hit, AAAA",
-            seed: seed(KUBE6.into(), &q_kube6, resp_aaaa, NS / 2),
+            seed: seed(KUBE6.into(), &q_kube6, replies::aaaa1, NS / 2),
             frame: f(KUBE6.into(), &q_kube6),
             dns: q_kube6.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "IPv6 entry is not the IPv4 view's",
-            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            seed: seed(VNET6.into(), &q_www, replies::a2, 0),
             frame: f(KUBE6.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
         Case {
             name: "IPv6 with a hop-by-hop header",
-            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            seed: seed(VNET6.into(), &q_www, replies::a2, 0),
             frame: hop.build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
         },
         Case {
             name: "IPv6 to another address",
-            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            seed: seed(VNET6.into(), &q_www, replies::a2, 0),
             frame: f(CLIENT6.into(), &q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_NOT_DNS),
         },
         Case {
             name: "reply of about 1200 bytes",
-            seed: seed(VNET.into(), &q_txt, resp_txt_1200, NS / 2),
+            seed: seed(VNET.into(), &q_txt, replies::txt_1200, NS / 2),
             frame: f(VNET.into(), &q_txt),
             dns: q_txt.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "reply of about 1200 bytes over IPv6",
-            seed: seed(VNET6.into(), &q_txt, resp_txt_1200, NS / 2),
+            seed: seed(VNET6.into(), &q_txt, replies::txt_1200, NS / 2),
             frame: f(VNET6.into(), &q_txt),
             dns: q_txt.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "1200 bytes for a client taking 512: TC=1 with OPT",
-            seed: seed(VNET.into(), &q_txt_512, resp_txt_1200, NS / 2),
+            seed: seed(VNET.into(), &q_txt_512, replies::txt_1200, NS / 2),
             frame: f(VNET.into(), &q_txt_512),
             dns: q_txt_512.clone(),
             expect: Expect::Truncated,
         },
         Case {
             name: "1200 bytes for a client without EDNS: TC=1",
-            seed: seed(VNET.into(), &q_txt_plain, resp_txt_1200, NS / 2),
+            seed: seed(VNET.into(), &q_txt_plain, replies::txt_1200, NS / 2),
             frame: f(VNET.into(), &q_txt_plain),
             dns: q_txt_plain.clone(),
             expect: Expect::Truncated,
         },
         Case {
             name: "TC=1 over IPv6",
-            seed: seed(VNET6.into(), &q_txt_512, resp_txt_1200, NS / 2),
+            seed: seed(VNET6.into(), &q_txt_512, replies::txt_1200, NS / 2),
             frame: f(VNET6.into(), &q_txt_512),
             dns: q_txt_512.clone(),
             expect: Expect::Truncated,
         },
         Case {
             name: "CD set: copied into the reply",
-            seed: seed(VNET.into(), &q_cd, resp_a, NS / 2),
+            seed: seed(VNET.into(), &q_cd, replies::a2, NS / 2),
             frame: f(VNET.into(), &q_cd),
             dns: q_cd.clone(),
             expect: Expect::Hit,
@@ -493,56 +454,56 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "RD clear: stays clear",
-            seed: seed(VNET.into(), &q_no_rd, resp_a, NS / 2),
+            seed: seed(VNET.into(), &q_no_rd, replies::a2, NS / 2),
             frame: f(VNET.into(), &q_no_rd),
             dns: q_no_rd.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "fresh A hit, EDNS with cookie",
-            seed: seed(VNET.into(), &q_www, resp_a, NS / 2),
+            seed: seed(VNET.into(), &q_www, replies::a2, NS / 2),
             frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "mixed-case qname keeps its case",
-            seed: seed(VNET.into(), &q_www, resp_a, NS / 2),
+            seed: seed(VNET.into(), &q_www, replies::a2, NS / 2),
             frame: f(VNET.into(), &q_mixed),
             dns: q_mixed.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "AAAA without EDNS",
-            seed: seed(VNET.into(), &q_aaaa, resp_aaaa, NS / 2),
+            seed: seed(VNET.into(), &q_aaaa, replies::aaaa1, NS / 2),
             frame: f(VNET.into(), &q_aaaa),
             dns: q_aaaa.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "CNAME chain",
-            seed: seed(VNET.into(), &q_cname, resp_cname, NS / 2),
+            seed: seed(VNET.into(), &q_cname, replies::cname_a, NS / 2),
             frame: f(VNET.into(), &q_cname),
             dns: q_cname.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "NXDOMAIN with SOA",
-            seed: seed(VNET.into(), &q_nx, resp_nxdomain, NS / 2),
+            seed: seed(VNET.into(), &q_nx, replies::nxdomain, NS / 2),
             frame: f(VNET.into(), &q_nx),
             dns: q_nx.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "kube view hit",
-            seed: seed(KUBE.into(), &q_kube, resp_a, NS / 2),
+            seed: seed(KUBE.into(), &q_kube, replies::a2, NS / 2),
             frame: f(KUBE.into(), &q_kube),
             dns: q_kube.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "TTL lowered by 5 s elapsed",
-            seed: seed(VNET.into(), &q_www, resp_a, 5 * NS + NS / 2),
+            seed: seed(VNET.into(), &q_www, replies::a2, 5 * NS + NS / 2),
             frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Hit,
@@ -556,42 +517,42 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "wrong view",
-            seed: seed(KUBE.into(), &q_www, resp_a, 0),
+            seed: seed(KUBE.into(), &q_www, replies::a2, 0),
             frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
         Case {
             name: "EDNS entry, query without EDNS",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: f(VNET.into(), &q_www_plain),
             dns: q_www_plain.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
         Case {
             name: "plain entry, query with EDNS",
-            seed: seed(VNET.into(), &q_www_plain, resp_a, 0),
+            seed: seed(VNET.into(), &q_www_plain, replies::a2, 0),
             frame: f(VNET.into(), &q_www),
             dns: q_www.clone(),
             expect: Expect::Pass(STAT_MISS),
         },
         Case {
             name: "reply larger than client's 512: TC=1",
-            seed: seed(VNET.into(), &q_big, resp_big, 0),
+            seed: seed(VNET.into(), &q_big, replies::big, 0),
             frame: f(VNET.into(), &q_big),
             dns: q_big.clone(),
             expect: Expect::Truncated,
         },
         Case {
             name: "same entry, client takes 4096",
-            seed: seed(VNET.into(), &q_big_large, resp_big, 0),
+            seed: seed(VNET.into(), &q_big_large, replies::big, 0),
             frame: f(VNET.into(), &q_big_large),
             dns: q_big_large.clone(),
             expect: Expect::Hit,
         },
         Case {
             name: "not a listener address",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: f(CLIENT.into(), &q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_NOT_DNS),
@@ -612,21 +573,21 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "VLAN-tagged frame",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: vlan.build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_NOT_DNS),
         },
         Case {
             name: "IPv4 options",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: opts.build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
         },
         Case {
             name: "IPv4 header checksum wrong",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: {
                 let mut fr = f(VNET.into(), &q_www);
                 fr[24] ^= 0x01;
@@ -637,21 +598,21 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "IPv4 broadcast source",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: FrameSpec::udp(Ipv4Addr::BROADCAST, VNET, 40000, 53).build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
         },
         Case {
             name: "IPv4 multicast source",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: FrameSpec::udp(Ipv4Addr::new(224, 0, 0, 251), VNET, 40000, 53).build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
         },
         Case {
             name: "IPv6 multicast source",
-            seed: seed(VNET6.into(), &q_www, resp_a, 0),
+            seed: seed(VNET6.into(), &q_www, replies::a2, 0),
             frame: FrameSpec::udp("ff02::fb".parse::<Ipv6Addr>().unwrap(), VNET6, 40000, 53)
                 .build(&q_www),
             dns: vec![],
@@ -659,14 +620,14 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "source port 0",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: FrameSpec::udp(CLIENT, VNET, 0, 53).build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
         },
         Case {
             name: "fragment",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: frag.build(&q_www),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_IP),
@@ -701,7 +662,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "QR=1 (a response)",
-            seed: seed(VNET.into(), &q_www_plain, resp_a, 0),
+            seed: seed(VNET.into(), &q_www_plain, replies::a2, 0),
             frame: f(VNET.into(), &q_qr),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_HEADER),
@@ -715,21 +676,21 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "EDNS version 1",
-            seed: seed(VNET.into(), &q_www, resp_a, 0),
+            seed: seed(VNET.into(), &q_www, replies::a2, 0),
             frame: f(VNET.into(), &q_ednsv1),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_EDNS),
         },
         Case {
             name: "trailing bytes",
-            seed: seed(VNET.into(), &q_www_plain, resp_a, 0),
+            seed: seed(VNET.into(), &q_www_plain, replies::a2, 0),
             frame: f(VNET.into(), &q_trailing),
             dns: vec![],
             expect: Expect::Pass(STAT_PASS_HEADER),
         },
         Case {
             name: "more option bytes than an undo can save",
-            seed: seed(VNET.into(), &q_padded, resp_a, 0),
+            seed: seed(VNET.into(), &q_padded, replies::a2, 0),
             frame: f(VNET.into(), &q_padded),
             dns: vec![],
             expect: Expect::Pass(localdns_common::STAT_PASS_SIZE),
@@ -832,7 +793,7 @@ fn logged_entries_emit_an_event_per_hit() {
     let q = dns_query(0xbeef, "Www.Example.Test", 1, 0x0100, Some(&edns));
     let pq = parse_query(&q).unwrap();
     let key = Key::of(localdns_common::VIEW_KUBE, &pq);
-    let e = Entry::from_upstream(&pq, &resp_a(&q), 3600, 0, mono_ns()).unwrap();
+    let e = Entry::from_upstream(&pq, &replies::a2(&q), 3600, 0, mono_ns()).unwrap();
     let mut v = encode::value(&e).unwrap();
     // Not logged: no event.
     rig.cache.insert(encode::key(&key, SEED), v, 0).unwrap();
@@ -880,7 +841,7 @@ fn prefetch_window_reports_an_entry_once() {
     let q = dns_query(0x1111, "www.example.test", 1, 0x0110, None);
     let pq = parse_query(&q).unwrap();
     let key = Key::of(localdns_common::VIEW_KUBE, &pq);
-    let e = Entry::from_upstream(&pq, &resp_a(&q), 3600, 0, mono_ns()).unwrap();
+    let e = Entry::from_upstream(&pq, &replies::a2(&q), 3600, 0, mono_ns()).unwrap();
     let mut v = encode::value(&e).unwrap();
     let bkey = encode::key(&key, SEED);
     let frame = udp_to(KUBE, 53).build(&q);
@@ -977,7 +938,7 @@ fn collision_on_hash_passes() {
     let mut rig = Rig::new();
     let q = dns_query(1, "www.example.test", 1, 0x0100, None);
     let other = dns_query(1, "www.exbmple.test", 1, 0x0100, None);
-    let e = rig.seed(VNET.into(), &other, &resp_a(&other), 0);
+    let e = rig.seed(VNET.into(), &other, &replies::a2(&other), 0);
     // Plant the other name's value under this name's key, as a 64-bit hash
     // collision would.
     let key = Key::of(localdns_common::VIEW_VNET, &parse_query(&q).unwrap());
@@ -1004,7 +965,7 @@ fn hit_cost_report() {
         options: cookie(),
     };
     let q = dns_query(7, "www.example.test", 1, 0x0100, Some(&edns));
-    rig.seed(VNET.into(), &q, &resp_a(&q), 0);
+    rig.seed(VNET.into(), &q, &replies::a2(&q), 0);
     let frame = udp_to(VNET, 53).build(&q);
     let p: &Xdp = rig
         .ebpf
@@ -1090,7 +1051,7 @@ fn fault_rows_drop_after_the_first_write() {
         {
             for (what, q) in &queries {
                 rig.clear();
-                rig.seed(VNET.into(), q, &resp_a(q), NS / 2);
+                rig.seed(VNET.into(), q, &replies::a2(q), NS / 2);
                 let frame = udp_to(VNET, 53).build(q);
                 let before = rig.stat(expect);
                 let (rc, out) = rig.run(prog, &frame);

@@ -16,6 +16,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use localdns_common::{
     CacheKey, CacheValue, MAP_CACHE, MAP_STATS, STAT_NAMES, VIEW_KUBE, VIEW_VNET,
 };
+use localdns_tests::msg::replies;
 use localdns_tests::*;
 use localdns_user::cache::{Entry, Key, mono_ns};
 use localdns_user::fastpath::{self, Globals, encode};
@@ -80,50 +81,6 @@ fn edns(size: u16, do_bit: bool) -> Option<QEdns> {
     })
 }
 
-fn resp_a(q: &[u8]) -> Vec<u8> {
-    let n = msg::qname_of(q);
-    dns_response(
-        q,
-        0,
-        &[
-            msg::a(&n, 300, [192, 0, 2, 10]),
-            msg::a(&n, 120, [192, 0, 2, 11]),
-        ],
-        &[],
-    )
-}
-fn resp_aaaa(q: &[u8]) -> Vec<u8> {
-    let ip6 = "2001:db8::10".parse().unwrap();
-    dns_response(q, 0, &[msg::aaaa(&msg::qname_of(q), 600, ip6)], &[])
-}
-fn resp_cname(q: &[u8]) -> Vec<u8> {
-    let www = msg::name("www.example.test.");
-    dns_response(
-        q,
-        0,
-        &[
-            msg::cname(&msg::qname_of(q), 3600, "www.example.test."),
-            msg::a(&www, 45, [192, 0, 2, 10]),
-        ],
-        &[],
-    )
-}
-fn resp_nxdomain(q: &[u8]) -> Vec<u8> {
-    dns_response(q, 3, &[], &[msg::soa("example.test.", 300, 60)])
-}
-fn resp_txt_1200(q: &[u8]) -> Vec<u8> {
-    let strings: Vec<String> = (0..5).map(|i| format!("{i}").repeat(220)).collect();
-    dns_response(q, 0, &[msg::txt(&msg::qname_of(q), 300, &strings)], &[])
-}
-/// As many records as the kernel takes (28 TTL fields), ~600 bytes with
-/// the TXT: TC=1 for 512-byte clients.
-fn resp_many(q: &[u8]) -> Vec<u8> {
-    let n = msg::qname_of(q);
-    let mut rrs: Vec<_> = (0..27).map(|i| msg::a(&n, 300, [10, 0, 0, i])).collect();
-    rrs.push(msg::txt(&n, 300, &["m".repeat(120)]));
-    dns_response(q, 0, &rrs, &[])
-}
-
 fn corpus() -> Vec<Seeded> {
     let s = |dst: IpAddr, name, qtype, edns, resp| Seeded {
         dst,
@@ -138,58 +95,64 @@ fn corpus() -> Vec<Seeded> {
             "www.example.test",
             1,
             edns(1232, false),
-            resp_a,
+            replies::a2,
         ),
-        s(VNET.into(), "www.example.test", 1, None, resp_a),
+        s(VNET.into(), "www.example.test", 1, None, replies::a2),
         s(
             VNET6.into(),
             "www.example.test",
             28,
             edns(1232, true),
-            resp_aaaa,
+            replies::aaaa1,
         ),
         s(
             KUBE.into(),
             "kubernetes.default.svc.cluster.local",
             1,
             None,
-            resp_a,
+            replies::a2,
         ),
         s(
             KUBE6.into(),
             "kubernetes.default.svc.cluster.local",
             1,
             edns(4096, false),
-            resp_a,
+            replies::a2,
         ),
         s(
             VNET.into(),
             "alias.example.test",
             1,
             edns(1232, false),
-            resp_cname,
+            replies::cname_a,
         ),
         s(
             VNET6.into(),
             "nothere.example.test",
             1,
             edns(1232, true),
-            resp_nxdomain,
+            replies::nxdomain,
         ),
         s(
             VNET.into(),
             "big.example.test",
             16,
             edns(1232, false),
-            resp_txt_1200,
+            replies::txt_1200,
         ),
-        s(VNET6.into(), "big.example.test", 16, None, resp_txt_1200),
+        s(
+            VNET6.into(),
+            "big.example.test",
+            16,
+            None,
+            replies::txt_1200,
+        ),
         s(
             KUBE.into(),
             "many.example.test",
             1,
             edns(1232, false),
-            resp_many,
+            replies::big,
         ),
     ]
 }
