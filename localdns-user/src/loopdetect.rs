@@ -15,6 +15,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// The probes' type: only HINFO queries are looked up among them, so
+/// every other query pays one comparison, even while a probe is out.
+pub const TYPE_HINFO: u16 = 13;
+
 /// How often the probes repeat.
 pub const REPROBE: Duration = Duration::from_secs(30);
 

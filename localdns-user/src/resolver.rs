@@ -81,7 +81,8 @@ fn loop_probe_query(name: &[u8]) -> Option<Query> {
     m.extend_from_slice(&rand::random::<u16>().to_be_bytes());
     m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
     m.extend_from_slice(name);
-    m.extend_from_slice(&[0, 13, 0, 1]);
+    m.extend_from_slice(&loopdetect::TYPE_HINFO.to_be_bytes());
+    m.extend_from_slice(&wire::CLASS_IN.to_be_bytes());
     wire::parse_query(&m).ok()
 }
 
@@ -292,7 +293,10 @@ impl Resolver {
         let zone = find_zone(&views, view, &q.qname_lower);
         let (reply, plugin) = if q.qname_lower == HEALTH_CHECK_NAME {
             (whoami(raw, &q, client, tr), "whoami")
-        } else if let Some(looped) = self.loops.arrived(&q.qname_lower, client) {
+        } else if let Some(looped) = (q.qtype == loopdetect::TYPE_HINFO)
+            .then(|| self.loops.arrived(&q.qname_lower, client))
+            .flatten()
+        {
             loop_detected(looped, client, &q);
             let r = wire::error_reply(raw, Some(&q), RCODE_SERVFAIL, false).unwrap_or_default();
             (r, "loop")
