@@ -112,6 +112,17 @@ pub const FAULT_RACE_NO_UNDO: u32 = 4;
 /// Skip the generation check (to show the torn-read test detects what
 /// the check prevents).
 pub const FAULT_NO_GENERATION_CHECK: u32 = 5;
+/// Profiling (per-step timing in `BPF_PROG_TEST_RUN`): return PASS, the
+/// packet untouched, right after parsing the query. Untouched packets can
+/// be timed with `repeat`, so the differences between the `STOP_*` values
+/// say what each step of a hit costs.
+pub const FAULT_STOP_PARSED: u32 = 16;
+/// Profiling: stop after the cache lookup (of a present key).
+pub const FAULT_STOP_LOOKED_UP: u32 = 17;
+/// Profiling: stop after the entry was checked (clock, freshness, name).
+pub const FAULT_STOP_CHECKED: u32 = 18;
+/// Profiling: stop after the reply's checksum and flags were computed.
+pub const FAULT_STOP_SUMMED: u32 = 19;
 
 /// Default capacity of [`MAP_CACHE`] (entries). ~1 KiB per entry.
 pub const CACHE_MAP_ENTRIES: u32 = 16384;
@@ -198,9 +209,10 @@ pub struct CacheValue {
     /// means the element was reused meanwhile (preallocated elements are
     /// recycled at once) and the reply is abandoned.
     pub generation: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds at insertion (= `bpf_ktime_get_ns`).
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds at insertion (the clock of
+    /// `bpf_ktime_get_coarse_ns`).
     pub insert_ns: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds from which the entry is not served.
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds from which the entry is not served.
     pub expire_ns: u64,
     /// TTL in seconds of every record at `insert_ns` (already capped).
     pub ttl: u32,
@@ -295,7 +307,7 @@ impl CacheValue {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LogEvent {
-    /// `bpf_ktime_get_ns` when answered.
+    /// `bpf_ktime_get_coarse_ns` when answered.
     pub ktime_ns: u64,
     /// Client address in network order: the first 4 bytes for IPv4.
     pub addr: [u8; 16],

@@ -61,10 +61,12 @@ pub fn check(q: &Query, v: &CacheValue, now: u64, scratch: *mut Scratch) -> Resu
     let name = unsafe { (*scratch).qname.as_ptr() };
     let generation = unsafe { core::ptr::read_volatile(&v.generation) };
     barrier();
-    if now >= v.expire_ns || now < v.insert_ns {
+    if now >= v.expire_ns {
         return Err(STAT_EXPIRED);
     }
-    let elapsed = (now - v.insert_ns) / 1_000_000_000;
+    // Both sides read the coarse clock, so `now` is never behind the
+    // insert; if it were, the entry would be new.
+    let elapsed = now.saturating_sub(v.insert_ns) / 1_000_000_000;
     if elapsed >= v.ttl as u64 {
         return Err(STAT_EXPIRED);
     }

@@ -26,10 +26,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use localdns_common::{
-    CACHE_MAP_ENTRIES, CacheKey, CacheValue, EVENT_PREFETCH, EVENT_QUERY, KEY_F_EDNS,
-    LOG_RING_BYTES, LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta,
-    STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM,
-    STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, csum_fold,
+    CACHE_MAP_ENTRIES, CacheKey, CacheValue, EVENT_PREFETCH, EVENT_QUERY, FAULT_STOP_CHECKED,
+    FAULT_STOP_LOOKED_UP, FAULT_STOP_PARSED, FAULT_STOP_SUMMED, KEY_F_EDNS, LOG_RING_BYTES,
+    LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta, STAT_ENTRIES,
+    STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM, STAT_TRUNCATED,
+    STAT_ZONE_BASE, Scratch, csum_fold,
 };
 
 use answer::Verdict;
@@ -117,10 +118,14 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
     let Some(scratch) = LDNS_SCRATCH.get_ptr_mut(0) else {
         return Verdict::Pass(STAT_PASS_ERROR);
     };
+    let fault = global(&LDNS_FAULT);
     let q = match query::parse::<P, V6>(p, &listeners(), global(&LDNS_HASH_SEED), scratch) {
         Ok(q) => q,
         Err(stat) => return Verdict::Pass(stat),
     };
+    if fault == FAULT_STOP_PARSED {
+        return Verdict::Pass(STAT_MISS);
+    }
     let key = CacheKey {
         qname_hash: q.hash,
         qtype: q.qtype,
@@ -133,12 +138,18 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
     let Some(vp) = LDNS_CACHE.get_ptr_mut(key) else {
         return Verdict::Pass(STAT_MISS);
     };
+    if fault == FAULT_STOP_LOOKED_UP {
+        return Verdict::Pass(STAT_MISS);
+    }
     let v = unsafe { &*vp };
-    let now = unsafe { h::bpf_ktime_get_ns() };
+    let now = unsafe { h::bpf_ktime_get_coarse_ns() };
     let fresh = match answer::check(&q, v, now, scratch) {
         Ok(f) => f,
         Err(stat) => return Verdict::Pass(stat),
     };
+    if fault == FAULT_STOP_CHECKED {
+        return Verdict::Pass(STAT_MISS);
+    }
     if fresh.truncate {
         let verdict = answer::truncated::<P, V6>(p, &q, v, &fresh);
         count_answer::<V6>(&verdict, v);
@@ -148,7 +159,10 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
         Ok(s) => s,
         Err(stat) => return Verdict::Pass(stat),
     };
-    let verdict = answer::rewrite::<P, V6>(p, &q, v, &fresh, &stamp, scratch, global(&LDNS_FAULT));
+    if fault == FAULT_STOP_SUMMED {
+        return Verdict::Pass(STAT_MISS);
+    }
+    let verdict = answer::rewrite::<P, V6>(p, &q, v, &fresh, &stamp, scratch, fault);
     count_answer::<V6>(&verdict, v);
     if matches!(verdict, Verdict::Reply { .. }) {
         let rflags = u16::from_be(stamp.rflags);

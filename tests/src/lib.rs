@@ -8,6 +8,7 @@ pub mod fake;
 pub mod load;
 pub mod msg;
 pub mod netns;
+pub mod profile;
 pub mod topo;
 
 use std::net::IpAddr;
