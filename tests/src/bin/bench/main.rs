@@ -1,0 +1,162 @@
+//! `cargo xtask bench [--quick]`: localdns against Unbound, dnsdist, Knot
+//! Resolver and dnsmasq, side by side, on one machine, in one run.
+//!
+//! Topology (DESIGN §7): client netns --veth-- node netns --veth-- upstream
+//! netns (NSD with the test zones). Each contender runs alone in the node
+//! netns on 169.254.10.10:53 with the configs under `bench/`. The null
+//! responder (XDP turning queries straight around) is the ceiling.
+//!
+//! Workloads: W1 100% hits over a warm set (A/AAAA, mixed case), W2 90%
+//! hits and 10% unique misses, W3 misses only (cluster.local, which localdns
+//! sends to ClusterCoreDNS over TCP). Load: kxdpgun (AF_XDP) and dnsperf. Every
+//! number in the table comes from a raw output file kept next to it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::json;
+
+mod contenders;
+mod report;
+mod topology;
+mod workloads;
+
+use contenders::Kind;
+use report::{plot, table, update_readme};
+use topology::setup;
+use workloads::{measure, prog_test_run_ns, write_query_files};
+
+pub(crate) struct Opts {
+    pub(crate) quick: bool,
+    pub(crate) names: usize,
+    pub(crate) secs: u32,
+    pub(crate) runs: usize,
+    pub(crate) fixed_qps: u32,
+    pub(crate) out: PathBuf,
+    pub(crate) repo: PathBuf,
+}
+
+pub(crate) fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let stamp = chrono_stamp();
+    let out = if quick {
+        repo.join("target/bench-quick")
+    } else {
+        repo.join("docs/bench")
+    };
+    let o = Opts {
+        quick,
+        names: args
+            .iter()
+            .find_map(|a| a.strip_prefix("--names=")?.parse().ok())
+            .unwrap_or(if quick { 2000 } else { 10000 }),
+        secs: if quick { 2 } else { 5 },
+        runs: if quick { 1 } else { 3 },
+        fixed_qps: 20000,
+        out: out.clone(),
+        repo: repo.clone(),
+    };
+    let raw = o.out.join("raw").join(&stamp);
+    std::fs::create_dir_all(&raw).unwrap();
+    let only: Option<&String> = args.iter().find(|a| !a.starts_with("--"));
+    // Before bpf_stats is switched on: it adds its own cost to every run.
+    let test_run = prog_test_run_ns();
+    let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1");
+    let t = setup(&o);
+    let files = write_query_files(&o, &t.dir.path);
+    let kinds = [
+        Kind::Null,
+        Kind::Localdns,
+        Kind::LocaldnsNoFastpath,
+        Kind::Unbound,
+        Kind::Dnsdist,
+        Kind::Kresd,
+        Kind::Dnsmasq,
+    ];
+    let started = Instant::now();
+    let mut results = Vec::new();
+    for k in kinds {
+        if let Some(f) = only
+            && k.slug() != f
+            && k != Kind::Null
+        {
+            continue;
+        }
+        eprintln!("[bench] {} ...", k.name());
+        let r = measure(k, &t, &o, &files, &raw);
+        eprintln!("[bench] {}: {}", k.name(), r);
+        results.push(r);
+    }
+    let uname = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let meta = json!({
+        "date": stamp,
+        "host": "2-core VM",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": uname,
+        "command": if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" },
+        "runs": o.runs, "secs": o.secs, "fixed_qps": o.fixed_qps, "names": o.names,
+        "elapsed_s": started.elapsed().as_secs(),
+        "raw_dir": raw.strip_prefix(&repo).unwrap_or(&raw).display().to_string(),
+    });
+    let mut meta = meta;
+    meta["prog_test_run_ns"] = test_run;
+    let doc = json!({ "meta": meta, "results": results });
+    std::fs::write(
+        raw.join("results.json"),
+        serde_json::to_string_pretty(&doc).unwrap(),
+    )
+    .unwrap();
+    let md = table(&results, &meta);
+    let md = format!(
+        "{md}\nRaw outputs and results.json: `{}`.\n",
+        meta["raw_dir"].as_str().unwrap()
+    );
+    std::fs::write(o.out.join("latest.md"), &md).unwrap();
+    std::fs::write(o.out.join("latest.svg"), plot(&results)).unwrap();
+    if !quick && only.is_none() {
+        update_readme(&repo.join("README.md"), &md);
+    }
+    drop(t);
+    println!("{md}");
+}
+
+/// Sets a sysctl for the run and restores it on drop, panics included.
+pub(crate) struct SysctlGuard {
+    path: &'static str,
+    before: String,
+}
+
+impl SysctlGuard {
+    pub(crate) fn set(path: &'static str, value: &str) -> SysctlGuard {
+        let before = std::fs::read_to_string(path)
+            .unwrap_or_else(|_| "0".into())
+            .trim()
+            .to_string();
+        let _ = std::fs::write(path, value);
+        SysctlGuard { path, before }
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, &self.before);
+    }
+}
+
+pub(crate) fn chrono_stamp() -> String {
+    let o = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H%MZ"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}

@@ -1,0 +1,171 @@
+//! The report: the Markdown table, the SVG plots, the README section.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::contenders::Kind;
+
+pub(crate) fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+pub(crate) fn fmt_k(x: f64) -> String {
+    if x.is_nan() {
+        "n/a".into()
+    } else if x >= 1000.0 {
+        format!("{:.0}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+pub(crate) fn lat(v: &Value, k: &str) -> String {
+    match v[k].as_array() {
+        Some(a) if a.len() == 3 => format!(
+            "{:.0} / {:.0} / {:.0}",
+            a[0].as_f64().unwrap(),
+            a[1].as_f64().unwrap(),
+            a[2].as_f64().unwrap()
+        ),
+        _ => "n/a".into(),
+    }
+}
+
+pub(crate) fn table(results: &[Value], meta: &Value) -> String {
+    let null = results.iter().find(|r| r["name"] == Kind::Null.name());
+    let ceiling = null.map(|n| num(n, "w1_kxdpgun_qps")).unwrap_or(f64::NAN);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Run {} on {} ({} cores, kernel {}), `{}`; medians of {} run(s) of {} s; fixed rate {} qps. Latency in µs (p50 / p99 / p99.9). Upstream: NSD in its own netns (no added latency: this kernel has no netem).\n",
+        meta["date"].as_str().unwrap_or(""),
+        meta["host"].as_str().unwrap_or(""),
+        meta["cores"],
+        meta["kernel"].as_str().unwrap_or(""),
+        meta["command"].as_str().unwrap_or(""),
+        meta["runs"],
+        meta["secs"],
+        meta["fixed_qps"]
+    );
+    let _ = writeln!(
+        s,
+        "| contender | W1 hits, kxdpgun q/s | × null | W1 hits, dnsperf q/s | latency @ fixed rate | latency @ saturation | server CPU s / 1M answers | peak RSS MiB | W2 90/10 mix q/s | W3 misses q/s | lost (W1/W2/W3) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let kx = num(r, "w1_kxdpgun_qps");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {} | {} | {} | {:.2} | {:.0} | {} | {} | {:.0}/{:.0}/{:.0} |",
+            r["name"].as_str().unwrap(),
+            fmt_k(kx),
+            kx / ceiling,
+            fmt_k(num(r, "w1_dnsperf_qps")),
+            lat(r, "fixed_latency_us"),
+            lat(r, "sat_latency_us"),
+            num(r, "cpu_s_per_million"),
+            num(r, "peak_rss_kib") / 1024.0,
+            fmt_k(num(r, "w2_qps")),
+            fmt_k(num(r, "w3_qps")),
+            num(r, "w1_dnsperf_lost") + num(r, "fixed_lost"),
+            num(r, "w2_lost"),
+            num(r, "w3_lost"),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nLoad generators' own CPU (busy fraction of one core, median): {}.",
+        results
+            .iter()
+            .map(|r| format!(
+                "{}: kxdpgun {:.2}, dnsperf {:.2}",
+                r["name"].as_str().unwrap(),
+                num(r, "w1_kxdpgun_client_cpu"),
+                num(r, "w1_dnsperf_client_cpu")
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let live = |kind: Kind, k: &str| {
+        results
+            .iter()
+            .find(|r| r["name"] == kind.name())
+            .map_or(f64::NAN, |r| num(r, k))
+    };
+    let tr = &meta["prog_test_run_ns"];
+    let _ = writeln!(
+        s,
+        "\nKernel cost per packet: `BPF_PROG_TEST_RUN` median {:.0} ns per fast-path hit vs {:.0} ns for the null responder (the XDP_TX ceiling). Live (`run_time_ns / run_cnt`, bpf_stats on): {:.0} ns per hit at saturation and {:.0} ns at the fixed rate, vs {:.0} / {:.0} ns for the null responder.",
+        tr["localdns_xdp"].as_f64().unwrap_or(f64::NAN),
+        tr["localdns_null"].as_f64().unwrap_or(f64::NAN),
+        live(Kind::Localdns, "sat_bpf_ns_per_run"),
+        live(Kind::Localdns, "fixed_bpf_ns_per_run"),
+        live(Kind::Null, "sat_bpf_ns_per_run"),
+        live(Kind::Null, "fixed_bpf_ns_per_run"),
+    );
+    s
+}
+
+/// Bar chart of W1 hit rates (kxdpgun and dnsperf), SVG.
+pub(crate) fn plot(results: &[Value]) -> String {
+    let max = results
+        .iter()
+        .map(|r| num(r, "w1_kxdpgun_qps").max(num(r, "w1_dnsperf_qps")))
+        .fold(1.0, f64::max);
+    let (w, row, left) = (900.0, 44.0, 260.0);
+    let h = 60.0 + row * results.len() as f64;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"15\">W1 cache hits, replies/s (median): kxdpgun (dark), dnsperf (light)</text>\n"
+    );
+    for (i, r) in results.iter().enumerate() {
+        let y = 40.0 + row * i as f64;
+        let bar = |v: f64| {
+            if v.is_nan() {
+                0.0
+            } else {
+                (w - left - 90.0) * v / max
+            }
+        };
+        let (a, b) = (num(r, "w1_kxdpgun_qps"), num(r, "w1_dnsperf_qps"));
+        let _ = writeln!(
+            s,
+            "<text x=\"10\" y=\"{}\">{}</text>",
+            y + 18.0,
+            r["name"].as_str().unwrap()
+        );
+        let _ = writeln!(
+            s,
+            "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"16\" fill=\"#1f4e79\"/><text x=\"{:.1}\" y=\"{}\">{}</text>",
+            bar(a),
+            left + bar(a) + 4.0,
+            y + 13.0,
+            fmt_k(a)
+        );
+        let _ = writeln!(
+            s,
+            "<rect x=\"{left}\" y=\"{}\" width=\"{:.1}\" height=\"16\" fill=\"#9dc3e6\"/><text x=\"{:.1}\" y=\"{}\">{}</text>",
+            y + 18.0,
+            bar(b),
+            left + bar(b) + 4.0,
+            y + 31.0,
+            fmt_k(b)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+pub(crate) fn update_readme(path: &Path, md: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let (a, b) = ("<!-- bench:start -->", "<!-- bench:end -->");
+    if let (Some(i), Some(j)) = (text.find(a), text.find(b)) {
+        let new = format!(
+            "{}{a}\n{md}\n![W1 hit rates](docs/bench/latest.svg)\n{}",
+            &text[..i],
+            &text[j..]
+        );
+        std::fs::write(path, new).unwrap();
+    }
+}

@@ -1,0 +1,95 @@
+//! The benchmark's network: client netns --veth-- node netns --veth--
+//! upstream netns (NSD with the bench zones), built from the tests'
+//! namespace guards, so everything is torn down on drop.
+
+use std::fmt::Write as _;
+
+use localdns_tests::netns::{Netns, Proc, TempDir, ip, start_nsd, unique_tag};
+
+use crate::Opts;
+
+pub(crate) const LISTEN: &str = "169.254.10.10";
+
+pub(crate) const UPSTREAM: &str = "169.254.60.2";
+
+pub(crate) struct Topo {
+    /// Held so NSD is stopped (first) when the topology drops.
+    pub(crate) _nsd: Proc,
+    pub(crate) client: Netns,
+    pub(crate) node: Netns,
+    /// Held so the upstream netns lives as long as the topology.
+    pub(crate) _up: Netns,
+    pub(crate) dir: TempDir,
+}
+
+pub(crate) fn setup(o: &Opts) -> Topo {
+    let tag = unique_tag();
+    let dir = TempDir::new(&format!("bench-{tag}"));
+    let node = Netns::new(format!("{tag}-bnode"));
+    let client = Netns::new(format!("{tag}-bcli"));
+    let up = Netns::new(format!("{tag}-bup"));
+    ip(&[
+        "link",
+        "add",
+        "vcl0",
+        "netns",
+        &node.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &client.name,
+    ]);
+    ip(&[
+        "link", "add", "vup0", "netns", &node.name, "type", "veth", "peer", "name", "eth0",
+        "netns", &up.name,
+    ]);
+    node.ip(&["addr", "add", "169.254.50.1/24", "dev", "vcl0"]);
+    node.ip(&["addr", "add", "169.254.60.1/24", "dev", "vup0"]);
+    node.ip(&["link", "set", "vcl0", "up"]);
+    node.ip(&["link", "set", "vup0", "up"]);
+    // Listener addresses for every contender (localdns keeps them as found).
+    node.ip(&["addr", "add", "169.254.10.10/32", "dev", "lo"]);
+    node.ip(&["addr", "add", "169.254.10.11/32", "dev", "lo"]);
+    client.ip(&["addr", "add", "169.254.50.2/24", "dev", "eth0"]);
+    client.ip(&["link", "set", "eth0", "up"]);
+    client.ip(&["route", "add", "default", "via", "169.254.50.1"]);
+    up.ip(&["addr", "add", "169.254.60.2/24", "dev", "eth0"]);
+    up.ip(&["link", "set", "eth0", "up"]);
+    up.ip(&["route", "add", "default", "via", "169.254.60.1"]);
+    let d = dir.path.clone();
+    let mut zone = String::from(
+        "$ORIGIN bench.test.\n$TTL 3600\n@ IN SOA ns admin 1 3600 600 86400 3600\n@ IN NS ns\nns IN A 192.0.2.53\n",
+    );
+    for i in 0..o.names {
+        let _ = writeln!(
+            zone,
+            "h{i} IN A 10.{}.{}.{}\nh{i} IN AAAA 2001:db8::{:x}",
+            (i >> 16) & 255,
+            (i >> 8) & 255,
+            i & 255,
+            i
+        );
+    }
+    let miss = "$ORIGIN miss.test.\n$TTL 3600\n@ IN SOA ns admin 1 3600 600 86400 3600\n@ IN NS ns\nns IN A 192.0.2.53\n* IN A 10.9.9.9\n";
+    let cluster = "$ORIGIN cluster.local.\n$TTL 30\n@ IN SOA ns.dns hostmaster 1 7200 1800 86400 5\n@ IN NS ns.dns\nns.dns IN A 10.0.0.10\n*.svc IN A 10.96.0.1\n";
+    // RRL off: with it, every wildcard answer shares one bucket, which
+    // throttles the UDP forwarders and not localdns's TCP path.
+    let tuning =
+        "  server-count: 2\n  tcp-count: 1000\n  rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\n";
+    let zones = [
+        ("bench.test", zone.as_str()),
+        ("miss.test", miss),
+        ("cluster.local", cluster),
+    ];
+    let nsd = start_nsd(&up, &d, UPSTREAM, &zones, tuning, "h0.bench.test");
+    Topo {
+        _nsd: nsd,
+        client,
+        node,
+        _up: up,
+        dir,
+    }
+}

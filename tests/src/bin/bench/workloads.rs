@@ -1,0 +1,435 @@
+//! The workloads and their measurement: query files, load generators
+//! (kxdpgun, dnsperf) and what is taken from their output.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::Opts;
+use crate::contenders::{Kind, bpf_run, peak_rss_kib, proc_cpu, start};
+use crate::topology::{LISTEN, Topo};
+
+/// Runs a load generator in the client netns; returns (stdout, its own CPU
+/// seconds from wait4's rusage, wall seconds).
+pub(crate) fn generate(t: &Topo, prog: &str, args: &[String], raw: &Path) -> (String, f64, f64) {
+    let mut c = t.client.cmd(prog);
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let child = c.spawn().unwrap();
+    let out = child.wait_with_output_rusage();
+    let wall = t0.elapsed().as_secs_f64();
+    let text = format!("$ {prog} {}\n{}{}", args.join(" "), out.0, out.1);
+    // Per-query lines of `dnsperf -v` are kept as a histogram (µs -> count):
+    // the percentiles are exact from it, the files stay small.
+    let mut hist: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut kept = String::new();
+    for l in text.lines() {
+        match l
+            .strip_prefix("> ")
+            .and_then(|r| r.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            Some(secs) => *hist.entry((secs * 1e6) as u64).or_default() += 1,
+            None => {
+                kept.push_str(l);
+                kept.push('\n');
+            }
+        }
+    }
+    if !hist.is_empty() {
+        let _ = writeln!(
+            kept,
+            "\n# latency histogram from -v: <microseconds> <queries>"
+        );
+        for (us, n) in &hist {
+            let _ = writeln!(kept, "{us} {n}");
+        }
+    }
+    std::fs::write(raw, &kept).unwrap();
+    (text, out.2, wall)
+}
+
+pub(crate) trait WaitRusage {
+    fn wait_with_output_rusage(self) -> (String, String, f64);
+}
+
+impl WaitRusage for std::process::Child {
+    fn wait_with_output_rusage(mut self) -> (String, String, f64) {
+        use std::io::Read;
+        let mut so = self.stdout.take().unwrap();
+        let mut se = self.stderr.take().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = se.read_to_string(&mut s);
+            s
+        });
+        let mut out = String::new();
+        let _ = so.read_to_string(&mut out);
+        let err = h.join().unwrap();
+        let mut status = 0;
+        // SAFETY: reaping our own child; rusage is a plain out-parameter.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::wait4(self.id() as i32, &mut status, 0, &mut ru) };
+        let cpu = ru.ru_utime.tv_sec as f64
+            + ru.ru_utime.tv_usec as f64 / 1e6
+            + ru.ru_stime.tv_sec as f64
+            + ru.ru_stime.tv_usec as f64 / 1e6;
+        (out, err, cpu)
+    }
+}
+
+pub(crate) fn field(text: &str, key: &str) -> Option<f64> {
+    let l = text.lines().find(|l| l.trim_start().starts_with(key))?;
+    l.trim_start()[key.len()..]
+        .split_whitespace()
+        .next()?
+        .trim_end_matches(',')
+        .parse()
+        .ok()
+}
+
+/// p50/p99/p99.9 in microseconds from `dnsperf -v` lines.
+pub(crate) fn percentiles(text: &str) -> Option<[f64; 3]> {
+    let mut lat: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("> "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|s| s * 1e6)
+        .collect();
+    if lat.is_empty() {
+        return None;
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    Some([p(0.5), p(0.99), p(0.999)])
+}
+
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub(crate) struct Files {
+    pub(crate) hits: PathBuf,
+}
+
+pub(crate) fn write_query_files(o: &Opts, dir: &Path) -> Files {
+    let mut hits = String::new();
+    for i in 0..o.names {
+        for ty in ["A", "AAAA"] {
+            // A quarter in mixed case, as 0x20-randomising clients send.
+            if i % 4 == 0 {
+                let _ = writeln!(hits, "H{i}.Bench.TEST {ty}");
+            } else {
+                let _ = writeln!(hits, "h{i}.bench.test {ty}");
+            }
+        }
+    }
+    let p = dir.join("hits.txt");
+    std::fs::write(&p, hits).unwrap();
+    Files { hits: p }
+}
+
+/// W2 file for one run: 9 warm-set lines, then one unique miss.
+pub(crate) fn mix_file(o: &Opts, dir: &Path, run: &str, lines: usize) -> PathBuf {
+    let mut s = String::new();
+    for j in 0..lines {
+        if j % 10 == 9 {
+            let _ = writeln!(s, "u{j}-{run}.miss.test A");
+        } else {
+            let i = (j * 7919) % o.names;
+            let _ = writeln!(
+                s,
+                "h{i}.bench.test {}",
+                if j % 2 == 0 { "A" } else { "AAAA" }
+            );
+        }
+    }
+    let p = dir.join(format!("mix-{run}.txt"));
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+/// W3 file for one run: unique cluster.local names only.
+pub(crate) fn miss_file(dir: &Path, run: &str, lines: usize) -> PathBuf {
+    let mut s = String::new();
+    for j in 0..lines {
+        let _ = writeln!(s, "m{j}-{run}.default.svc.cluster.local A");
+    }
+    let p = dir.join(format!("miss-{run}.txt"));
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+/// dnsperf at saturation: 500 outstanding and a 1 s timeout saturate every
+/// contender here, and a dropped query frees its slot soon instead of
+/// stalling the window.
+pub(crate) fn dnsperf_sat(o: &Opts, file: &Path, once: bool) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-s",
+        LISTEN,
+        "-l",
+        &o.secs.to_string(),
+        "-c",
+        "32",
+        "-T",
+        "2",
+        "-q",
+        "500",
+        "-t",
+        "1",
+        "-d",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(file.display().to_string());
+    if once {
+        a.extend(["-n".into(), "1".into()]);
+    }
+    a
+}
+
+pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Value {
+    let procs = start(k, t, o);
+    let pids: Vec<i32> = procs.iter().map(|p| p.pid()).collect();
+    let cpu = || pids.iter().map(|&p| proc_cpu(p)).sum::<f64>();
+    let slug = k.slug();
+    let rawf = |w: &str| raw.join(format!("{slug}-{w}.txt"));
+    let mut r = serde_json::Map::new();
+    r.insert("name".into(), json!(k.name()));
+    r.insert("version".into(), json!(k.version()));
+
+    // Warm-up (not counted): the whole warm set once, at a moderate rate.
+    if k != Kind::Null {
+        let mut a: Vec<String> = [
+            "-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2", "-d",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push(f.hits.display().to_string());
+        generate(t, "dnsperf", &a, &rawf("w1-warmup"));
+    }
+
+    // W1 saturation, kxdpgun (AF_XDP) and dnsperf.
+    let (mut kx, mut kx_cpu, mut dp, mut dp_cpu, mut dp_lost) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let (bs0, ns0) = bpf_run();
+    for run in 0..o.runs {
+        let args: Vec<String> = [
+            "-t",
+            &o.secs.to_string(),
+            "-Q",
+            "4000000",
+            "-I",
+            "eth0",
+            "-i",
+            &f.hits.display().to_string(),
+            LISTEN,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (text, ccpu, wall) = generate(t, "kxdpgun", &args, &rawf(&format!("w1-kxdpgun-{run}")));
+        let replies = text
+            .lines()
+            .find(|l| l.starts_with("total replies:"))
+            .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse::<f64>().ok());
+        kx.push(replies.unwrap_or(0.0));
+        kx_cpu.push(ccpu / wall);
+        let (text, ccpu, wall) = generate(
+            t,
+            "dnsperf",
+            &dnsperf_sat(o, &f.hits, false),
+            &rawf(&format!("w1-dnsperf-{run}")),
+        );
+        dp.push(field(&text, "Queries per second:").unwrap_or(0.0));
+        dp_lost.push(field(&text, "Queries lost:").unwrap_or(0.0));
+        dp_cpu.push(ccpu / wall);
+    }
+    let (bs1, ns1) = bpf_run();
+    if ns1 > ns0 {
+        r.insert(
+            "sat_bpf_ns_per_run".into(),
+            json!((bs1 - bs0) as f64 / (ns1 - ns0) as f64),
+        );
+    }
+    r.insert("w1_kxdpgun_qps".into(), json!(median(&mut kx)));
+    r.insert("w1_kxdpgun_client_cpu".into(), json!(median(&mut kx_cpu)));
+    r.insert("w1_dnsperf_qps".into(), json!(median(&mut dp)));
+    r.insert("w1_dnsperf_client_cpu".into(), json!(median(&mut dp_cpu)));
+    r.insert("w1_dnsperf_lost".into(), json!(dp_lost.iter().sum::<f64>()));
+
+    // W1 at a fixed offered rate: latency percentiles and server CPU/query.
+    let (c0, (b0, n0)) = (cpu(), bpf_run());
+    let mut a: Vec<String> = [
+        "-s",
+        LISTEN,
+        "-l",
+        &o.secs.to_string(),
+        "-Q",
+        &o.fixed_qps.to_string(),
+        "-c",
+        "8",
+        "-T",
+        "2",
+        "-t",
+        "2",
+        "-v",
+        "-d",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(f.hits.display().to_string());
+    let (text, _, _) = generate(t, "dnsperf", &a, &rawf("w1-fixed"));
+    let (c1, (b1, n1)) = (cpu(), bpf_run());
+    if n1 > n0 {
+        r.insert(
+            "fixed_bpf_ns_per_run".into(),
+            json!((b1 - b0) as f64 / (n1 - n0) as f64),
+        );
+    }
+    let completed = field(&text, "Queries completed:").unwrap_or(0.0);
+    let server_cpu = (c1 - c0) + (b1 - b0) as f64 / 1e9;
+    r.insert("fixed_qps".into(), json!(o.fixed_qps));
+    r.insert("fixed_completed".into(), json!(completed));
+    r.insert(
+        "fixed_lost".into(),
+        json!(field(&text, "Queries lost:").unwrap_or(0.0)),
+    );
+    r.insert("fixed_latency_us".into(), json!(percentiles(&text)));
+    r.insert("fixed_server_cpu_s".into(), json!(server_cpu));
+    r.insert("fixed_bpf_s".into(), json!((b1 - b0) as f64 / 1e9));
+    r.insert(
+        "cpu_s_per_million".into(),
+        json!(if completed > 0.0 {
+            server_cpu / completed * 1e6
+        } else {
+            f64::NAN
+        }),
+    );
+    // Latency at saturation (short verbose run).
+    if !o.quick {
+        let mut a = dnsperf_sat(o, &f.hits, false);
+        a[3] = "2".into();
+        a.push("-v".into());
+        let (text, _, _) = generate(t, "dnsperf", &a, &rawf("w1-sat-latency"));
+        r.insert("sat_latency_us".into(), json!(percentiles(&text)));
+    }
+
+    // W2 (90% hits, 10% unique misses) and W3 (unique cluster.local misses).
+    if k != Kind::Null {
+        let lines = if o.quick { 200_000 } else { 2_000_000 };
+        let (mut w2, mut w2l, mut w3, mut w3l) = (vec![], vec![], vec![], vec![]);
+        for run in 0..o.runs {
+            let mf = mix_file(o, &t.dir.path, &format!("{slug}{run}"), lines);
+            let (text, _, _) = generate(
+                t,
+                "dnsperf",
+                &dnsperf_sat(o, &mf, true),
+                &rawf(&format!("w2-{run}")),
+            );
+            w2.push(field(&text, "Queries per second:").unwrap_or(0.0));
+            w2l.push(field(&text, "Queries lost:").unwrap_or(0.0));
+            let _ = std::fs::remove_file(mf);
+            let sf = miss_file(&t.dir.path, &format!("{slug}{run}"), lines / 4);
+            let (text, _, _) = generate(
+                t,
+                "dnsperf",
+                &dnsperf_sat(o, &sf, true),
+                &rawf(&format!("w3-{run}")),
+            );
+            w3.push(field(&text, "Queries per second:").unwrap_or(0.0));
+            w3l.push(field(&text, "Queries lost:").unwrap_or(0.0));
+            let _ = std::fs::remove_file(sf);
+        }
+        r.insert("w2_qps".into(), json!(median(&mut w2)));
+        r.insert("w2_lost".into(), json!(w2l.iter().sum::<f64>()));
+        r.insert("w3_qps".into(), json!(median(&mut w3)));
+        r.insert("w3_lost".into(), json!(w3l.iter().sum::<f64>()));
+    }
+    r.insert(
+        "peak_rss_kib".into(),
+        json!(pids.iter().map(|&p| peak_rss_kib(p)).sum::<u64>()),
+    );
+    drop(procs);
+    // Let sockets and XDP attachments go before the next contender.
+    std::thread::sleep(Duration::from_millis(300));
+    Value::Object(r)
+}
+
+/// Kernel cost per packet in BPF_PROG_TEST_RUN, median of single runs (a
+/// rewritten packet cannot be re-run with `repeat`): a fresh hit of the
+/// fast path, and the null responder (the XDP_TX ceiling) on the same query.
+pub(crate) fn prog_test_run_ns() -> Value {
+    use aya::programs::Xdp;
+    use localdns_tests::{FrameSpec, QEdns, dns_query, dns_response};
+    use localdns_user::cache::{Entry, Key, mono_ns};
+    use localdns_user::wire::parse_query;
+    let (vnet, client) = (
+        std::net::Ipv4Addr::new(169, 254, 10, 10),
+        std::net::Ipv4Addr::new(169, 254, 50, 2),
+    );
+    let seed = 42;
+    let g = localdns_user::fastpath::Globals {
+        listen: vec![
+            (vnet.into(), localdns_common::VIEW_VNET),
+            (
+                std::net::Ipv4Addr::new(169, 254, 10, 11).into(),
+                localdns_common::VIEW_KUBE,
+            ),
+        ],
+        seed,
+        fault: 0,
+    };
+    let mut ebpf = localdns_user::fastpath::open(&g, 1024, None).unwrap();
+    let edns = QEdns {
+        udp_size: 1232,
+        do_bit: false,
+        options: vec![],
+    };
+    let q = dns_query(7, "h1.bench.test", 1, 0x0100, Some(&edns));
+    let resp = dns_response(
+        &q,
+        0,
+        &[localdns_tests::msg::a(
+            &localdns_tests::msg::qname_of(&q),
+            3600,
+            [10, 0, 0, 1],
+        )],
+        &[],
+    );
+    let pq = parse_query(&q).unwrap();
+    let e = Entry::from_upstream(&pq, &resp, 3600, 0, mono_ns()).unwrap();
+    let key = Key::of(localdns_common::VIEW_VNET, &pq);
+    let mut cache: aya::maps::HashMap<_, localdns_common::CacheKey, localdns_common::CacheValue> =
+        aya::maps::HashMap::try_from(ebpf.map_mut(localdns_common::MAP_CACHE).unwrap()).unwrap();
+    cache
+        .insert(
+            localdns_user::fastpath::encode::key(&key, seed),
+            localdns_user::fastpath::encode::value(&e).unwrap(),
+            0,
+        )
+        .unwrap();
+    let frame = FrameSpec::udp(client, vnet, 40000, 53).build(&q);
+    let mut out = json!({});
+    for (prog, want) in [
+        (localdns_user::fastpath::XDP_PROG, 3u32),
+        ("localdns_null", 3),
+    ] {
+        let p: &mut Xdp = ebpf.program_mut(prog).unwrap().try_into().unwrap();
+        p.load().unwrap();
+        let ns = localdns_tests::single_run_ns(p, &frame, 20_000, want);
+        out[prog] = json!(ns[ns.len() / 2]);
+    }
+    out
+}
