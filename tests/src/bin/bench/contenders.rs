@@ -9,6 +9,7 @@ use localdns_tests::netns::{Proc, dig_ok, wait_for};
 use serde_json::Value;
 
 use crate::Opts;
+
 use crate::topology::{LISTEN, Topo, UPSTREAM};
 
 /// A contender: how to start it in the node netns.
@@ -79,6 +80,11 @@ pub(crate) fn bin(name: &str) -> PathBuf {
 }
 
 pub(crate) fn start(k: Kind, t: &Topo, o: &Opts) -> Vec<Proc> {
+    start_with(k, t, o, &[])
+}
+
+/// [`start`] with extra daemon arguments (localdns only).
+pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Vec<Proc> {
     let d = &t.dir.path;
     let subst = |f: &str| {
         let text = std::fs::read_to_string(o.repo.join("bench").join(f))
@@ -113,7 +119,7 @@ pub(crate) fn start(k: Kind, t: &Topo, o: &Opts) -> Vec<Proc> {
             ]);
             c.args([
                 "--pin-path",
-                "/sys/fs/bpf/localdns-bench",
+                &t.pin_path(),
                 "--fastpath-entries",
                 "65536",
                 "--config",
@@ -122,6 +128,7 @@ pub(crate) fn start(k: Kind, t: &Topo, o: &Opts) -> Vec<Proc> {
             if k == Kind::LocaldnsNoFastpath {
                 c.arg("--no-fastpath");
             }
+            c.args(extra);
             c.env("RUST_LOG", "warn");
             procs.push(Proc::spawn(c, "localdns-user", &log("0")));
         }
@@ -231,4 +238,19 @@ pub(crate) fn bpf_run() -> (u64, u64) {
             .sum()
     };
     (sum("run_time_ns"), sum("run_cnt"))
+}
+
+/// A kernel counter of the running daemon (`localdns-user cache stats`).
+pub(crate) fn kernel_stat(t: &Topo, name: &str) -> u64 {
+    let out = Command::new(bin("localdns-user"))
+        .args(["cache", "stats", "--pin-path", &t.pin_path()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
 }

@@ -19,11 +19,13 @@ use serde_json::json;
 
 mod contenders;
 mod report;
+mod share;
 mod topology;
+mod warmset;
 mod workloads;
 
 use contenders::Kind;
-use report::{plot, table, update_readme};
+use report::{plot, plot_warmset, table, update_readme};
 use topology::setup;
 use workloads::{measure, prog_test_run_ns, write_query_files};
 
@@ -81,10 +83,13 @@ pub(crate) fn main() {
     ];
     let started = Instant::now();
     let mut results = Vec::new();
+    // `kernel`: only the fast path's own workloads (warm-set sweep, kernel
+    // share).
+    let kernel_only = only.is_some_and(|f| f == "kernel");
     for k in kinds {
         if let Some(f) = only
             && k.slug() != f
-            && k != Kind::Null
+            && (k != Kind::Null || kernel_only)
         {
             continue;
         }
@@ -92,6 +97,16 @@ pub(crate) fn main() {
         let r = measure(k, &t, &o, &files, &raw);
         eprintln!("[bench] {}: {}", k.name(), r);
         results.push(r);
+    }
+    let (mut sweep, mut share) = (Vec::new(), serde_json::Value::Null);
+    if only.is_none_or(|f| f == "localdns" || kernel_only) {
+        for k in [Kind::Null, Kind::Localdns] {
+            eprintln!("[bench] warm-set sweep: {} ...", k.name());
+            sweep.push(warmset::sweep(k, &t, &o, &raw));
+        }
+        eprintln!("[bench] kernel share under short TTLs ...");
+        share = share::measure(&t, &o, &raw);
+        eprintln!("[bench] share: {share}");
     }
     let uname = Command::new("uname")
         .arg("-r")
@@ -110,6 +125,9 @@ pub(crate) fn main() {
     });
     let mut meta = meta;
     meta["prog_test_run_ns"] = test_run;
+    meta["warmset"] = json!(sweep);
+    meta["warmset_rate"] = json!(warmset::RATE);
+    meta["share"] = share;
     let doc = json!({ "meta": meta, "results": results });
     std::fs::write(
         raw.join("results.json"),
@@ -123,6 +141,9 @@ pub(crate) fn main() {
     );
     std::fs::write(o.out.join("latest.md"), &md).unwrap();
     std::fs::write(o.out.join("latest.svg"), plot(&results)).unwrap();
+    if !sweep.is_empty() {
+        std::fs::write(o.out.join("warmset.svg"), plot_warmset(&sweep)).unwrap();
+    }
     if !quick && only.is_none() {
         update_readme(&repo.join("README.md"), &md);
     }

@@ -105,6 +105,148 @@ pub(crate) fn table(results: &[Value], meta: &Value) -> String {
         live(Kind::Null, "sat_bpf_ns_per_run"),
         live(Kind::Null, "fixed_bpf_ns_per_run"),
     );
+    if let Some(md) = tr["profile_md"].as_str() {
+        let _ = writeln!(
+            s,
+            "\nWhere a hit's time goes in `BPF_PROG_TEST_RUN` (each prefix loaded with a `FAULT_STOP_*` global; `repeat` times the untouched prefixes):\n\n{md}"
+        );
+    }
+    s.push_str(&warmset_table(meta));
+    s.push_str(&share_line(&meta["share"]));
+    s
+}
+
+/// Per-hit BPF cost against the warm set, localdns and the null responder.
+fn warmset_table(meta: &Value) -> String {
+    let Some(sweep) = meta["warmset"].as_array().filter(|a| a.len() == 2) else {
+        return String::new();
+    };
+    let (null, ours) = (&sweep[0]["rows"], &sweep[1]["rows"]);
+    let mut s = format!(
+        "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn (plot: `docs/bench/warmset.svg`):\n\n| warm names | localdns ns/hit | null ns/packet | × null | localdns replies/s |\n|---|---|---|---|---|\n",
+        meta["warmset_rate"]
+    );
+    for (n, o) in null
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(ours.as_array().into_iter().flatten())
+    {
+        let (a, b) = (num(o, "bpf_ns_per_run"), num(n, "bpf_ns_per_run"));
+        let _ = writeln!(
+            s,
+            "| {} | {a:.0} | {b:.0} | {:.1} | {} |",
+            o["names"],
+            a / b,
+            fmt_k(num(o, "replies_per_s"))
+        );
+    }
+    s
+}
+
+fn share_line(share: &Value) -> String {
+    let Some(runs) = share["runs"].as_array() else {
+        return String::new();
+    };
+    let pick = |amount: &str| {
+        runs.iter()
+            .find(|r| r["prefetch_amount"] == amount)
+            .map_or(String::from("n/a"), |r| {
+                format!(
+                    "{:.4} ({} of {:.0}, {:.0} lost)",
+                    num(r, "share"),
+                    r["kernel"],
+                    num(r, "completed"),
+                    num(r, "lost")
+                )
+            })
+    };
+    format!(
+        "\nKernel share of answers under short TTLs (5-30 s), Zipf (s = 1) over {} names, {} q/s for {} s (dnsperf): with prefetch (amount 2, last 10% of the TTL) {}; without {}.\n",
+        share["names"],
+        share["rate"],
+        share["secs"],
+        pick("2"),
+        pick("0")
+    )
+}
+
+/// Line plot of the warm-set sweep (log-scaled names), SVG.
+pub(crate) fn plot_warmset(sweep: &[Value]) -> String {
+    let (w, h, l, b, top) = (760.0, 420.0, 70.0, 60.0, 40.0);
+    let rows = |v: &Value| -> Vec<(f64, f64)> {
+        v["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| (num(r, "names"), num(r, "bpf_ns_per_run")))
+            .filter(|(_, y)| y.is_finite())
+            .collect()
+    };
+    let all: Vec<(f64, f64)> = sweep.iter().flat_map(rows).collect();
+    let ymax = all.iter().map(|p| p.1).fold(100.0, f64::max) * 1.1;
+    let (xmin, xmax) = (
+        all.iter()
+            .map(|p| p.0)
+            .fold(f64::INFINITY, f64::min)
+            .log10(),
+        all.iter().map(|p| p.0).fold(1.0, f64::max).log10(),
+    );
+    let px = |x: f64| l + (w - l - 30.0) * (x.log10() - xmin) / (xmax - xmin).max(1e-9);
+    let py = |y: f64| h - b - (h - b - top) * y / ymax;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"15\">Live BPF ns per packet against warm names (log scale)</text>\n<line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{l}\" y1=\"{top}\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - b,
+        w - 20.0,
+        h - b,
+        h - b
+    );
+    for i in 0..=4 {
+        let y = ymax * f64::from(i) / 4.0;
+        let _ = writeln!(s, "<text x=\"8\" y=\"{:.1}\">{y:.0} ns</text>", py(y) + 4.0);
+    }
+    for (i, (v, color)) in sweep.iter().zip(["#9dc3e6", "#1f4e79"]).enumerate() {
+        let pts = rows(v);
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2.5\" points=\"{}\"/>",
+            path.join(" ")
+        );
+        for (x, y) in &pts {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"/>",
+                px(*x),
+                py(*y)
+            );
+            if i == 0 {
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x}</text>",
+                    px(*x),
+                    h - b + 18.0
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>",
+            l + 10.0,
+            top + 16.0 + 18.0 * i as f64,
+            v["name"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">warm names</text>",
+        (w + l) / 2.0,
+        h - 15.0
+    );
+    s.push_str("</svg>\n");
     s
 }
 

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use localdns_tests::netns::{Netns, Proc, TempDir, ip, start_nsd, unique_tag};
+use localdns_tests::netns::{BpfFs, Netns, Proc, TempDir, ip, start_nsd, unique_tag};
 
 use crate::Opts;
 
@@ -19,6 +19,9 @@ pub(crate) struct Topo {
     pub(crate) node: Netns,
     /// Held so the upstream netns lives as long as the topology.
     pub(crate) _up: Netns,
+    /// The daemon's pins, visible from here (`ip netns exec` gives each
+    /// process its own /sys); unmounted (so unpinned) on drop.
+    bpffs: BpfFs,
     pub(crate) dir: TempDir,
 }
 
@@ -63,7 +66,8 @@ pub(crate) fn setup(o: &Opts) -> Topo {
     let mut zone = String::from(
         "$ORIGIN bench.test.\n$TTL 3600\n@ IN SOA ns admin 1 3600 600 86400 3600\n@ IN NS ns\nns IN A 192.0.2.53\n",
     );
-    for i in 0..o.names {
+    // The warm-set sweep reaches further than W1's names.
+    for i in 0..o.names.max(crate::warmset::most(o)) {
         let _ = writeln!(
             zone,
             "h{i} IN A 10.{}.{}.{}\nh{i} IN AAAA 2001:db8::{:x}",
@@ -75,6 +79,20 @@ pub(crate) fn setup(o: &Opts) -> Topo {
     }
     let miss = "$ORIGIN miss.test.\n$TTL 3600\n@ IN SOA ns admin 1 3600 600 86400 3600\n@ IN NS ns\nns IN A 192.0.2.53\n* IN A 10.9.9.9\n";
     let cluster = "$ORIGIN cluster.local.\n$TTL 30\n@ IN SOA ns.dns hostmaster 1 7200 1800 86400 5\n@ IN NS ns.dns\nns.dns IN A 10.0.0.10\n*.svc IN A 10.96.0.1\n";
+    // Short TTLs (5-30 s, as Kubernetes service records have) for the
+    // kernel-share workload.
+    let mut short = String::from(
+        "$ORIGIN short.test.\n$TTL 30\n@ IN SOA ns admin 1 3600 600 86400 5\n@ IN NS ns\nns IN A 192.0.2.53\n",
+    );
+    for i in 0..crate::share::NAMES {
+        let _ = writeln!(
+            short,
+            "s{i} {} IN A 10.77.{}.{}",
+            crate::share::ttl(i),
+            i >> 8,
+            i & 255
+        );
+    }
     // RRL off: with it, every wildcard answer shares one bucket, which
     // throttles the UDP forwarders and not localdns's TCP path.
     let tuning =
@@ -83,13 +101,23 @@ pub(crate) fn setup(o: &Opts) -> Topo {
         ("bench.test", zone.as_str()),
         ("miss.test", miss),
         ("cluster.local", cluster),
+        ("short.test", short.as_str()),
     ];
     let nsd = start_nsd(&up, &d, UPSTREAM, &zones, tuning, "h0.bench.test");
+    let bpffs = BpfFs::new(dir.path.join("bpffs"));
     Topo {
+        bpffs,
         _nsd: nsd,
         client,
         node,
         _up: up,
         dir,
+    }
+}
+
+impl Topo {
+    /// The daemon's `--pin-path`.
+    pub(crate) fn pin_path(&self) -> String {
+        self.bpffs.path.join("localdns").display().to_string()
     }
 }

@@ -82,6 +82,14 @@ impl WaitRusage for std::process::Child {
     }
 }
 
+/// Replies per second from kxdpgun's summary.
+pub(crate) fn kxdpgun_replies(text: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with("total replies:"))
+        .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 pub(crate) fn field(text: &str, key: &str) -> Option<f64> {
     let l = text.lines().find(|l| l.trim_start().starts_with(key))?;
     l.trim_start()[key.len()..]
@@ -239,11 +247,7 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
         .map(|s| s.to_string())
         .collect();
         let (text, ccpu, wall) = generate(t, "kxdpgun", &args, &rawf(&format!("w1-kxdpgun-{run}")));
-        let replies = text
-            .lines()
-            .find(|l| l.starts_with("total replies:"))
-            .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse::<f64>().ok());
-        kx.push(replies.unwrap_or(0.0));
+        kx.push(kxdpgun_replies(&text));
         kx_cpu.push(ccpu / wall);
         let (text, ccpu, wall) = generate(
             t,
@@ -367,11 +371,10 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
     Value::Object(r)
 }
 
-/// Kernel cost per packet in BPF_PROG_TEST_RUN, median of single runs (a
-/// rewritten packet cannot be re-run with `repeat`): a fresh hit of the
-/// fast path, and the null responder (the XDP_TX ceiling) on the same query.
+/// Kernel cost per packet in BPF_PROG_TEST_RUN, step by step
+/// ([`localdns_tests::profile`]): a fresh hit of the fast path, a miss, and
+/// the null responder (the XDP_TX ceiling) on the same query.
 pub(crate) fn prog_test_run_ns() -> Value {
-    use aya::programs::Xdp;
     use localdns_tests::{FrameSpec, QEdns, dns_query, dns_response};
     use localdns_user::cache::{Entry, Key, mono_ns};
     use localdns_user::wire::parse_query;
@@ -380,24 +383,13 @@ pub(crate) fn prog_test_run_ns() -> Value {
         std::net::Ipv4Addr::new(169, 254, 50, 2),
     );
     let seed = 42;
-    let g = localdns_user::fastpath::Globals {
-        listen: vec![
-            (vnet.into(), localdns_common::VIEW_VNET),
-            (
-                std::net::Ipv4Addr::new(169, 254, 10, 11).into(),
-                localdns_common::VIEW_KUBE,
-            ),
-        ],
-        seed,
-        fault: 0,
-    };
-    let mut ebpf = localdns_user::fastpath::open(&g, 1024, None).unwrap();
     let edns = QEdns {
         udp_size: 1232,
         do_bit: false,
         options: vec![],
     };
     let q = dns_query(7, "h1.bench.test", 1, 0x0100, Some(&edns));
+    let other = dns_query(7, "h2.bench.test", 1, 0x0100, Some(&edns));
     let resp = dns_response(
         &q,
         0,
@@ -409,27 +401,45 @@ pub(crate) fn prog_test_run_ns() -> Value {
         &[],
     );
     let pq = parse_query(&q).unwrap();
-    let e = Entry::from_upstream(&pq, &resp, 3600, 0, mono_ns()).unwrap();
-    let key = Key::of(localdns_common::VIEW_VNET, &pq);
-    let mut cache: aya::maps::HashMap<_, localdns_common::CacheKey, localdns_common::CacheValue> =
-        aya::maps::HashMap::try_from(ebpf.map_mut(localdns_common::MAP_CACHE).unwrap()).unwrap();
-    cache
-        .insert(
-            localdns_user::fastpath::encode::key(&key, seed),
-            localdns_user::fastpath::encode::value(&e).unwrap(),
-            0,
-        )
-        .unwrap();
+    let load = |fault| {
+        let g = localdns_user::fastpath::Globals {
+            listen: vec![
+                (vnet.into(), localdns_common::VIEW_VNET),
+                (
+                    std::net::Ipv4Addr::new(169, 254, 10, 11).into(),
+                    localdns_common::VIEW_KUBE,
+                ),
+            ],
+            seed,
+            fault,
+        };
+        let mut ebpf = localdns_user::fastpath::open(&g, 1024, None).unwrap();
+        localdns_user::fastpath::load_xdp(&mut ebpf).unwrap();
+        let e = Entry::from_upstream(&pq, &resp, 3600, 0, mono_ns()).unwrap();
+        let key = Key::of(localdns_common::VIEW_VNET, &pq);
+        let mut cache: aya::maps::HashMap<
+            _,
+            localdns_common::CacheKey,
+            localdns_common::CacheValue,
+        > = aya::maps::HashMap::try_from(ebpf.map_mut(localdns_common::MAP_CACHE).unwrap())
+            .unwrap();
+        cache
+            .insert(
+                localdns_user::fastpath::encode::key(&key, seed),
+                localdns_user::fastpath::encode::value(&e).unwrap(),
+                0,
+            )
+            .unwrap();
+        ebpf
+    };
     let frame = FrameSpec::udp(client, vnet, 40000, 53).build(&q);
-    let mut out = json!({});
-    for (prog, want) in [
-        (localdns_user::fastpath::XDP_PROG, 3u32),
-        ("localdns_null", 3),
-    ] {
-        let p: &mut Xdp = ebpf.program_mut(prog).unwrap().try_into().unwrap();
-        p.load().unwrap();
-        let ns = localdns_tests::single_run_ns(p, &frame, 20_000, want);
-        out[prog] = json!(ns[ns.len() / 2]);
-    }
-    out
+    let miss = FrameSpec::udp(client, vnet, 40000, 53).build(&other);
+    let p = localdns_tests::profile::hit_profile(load, &frame, &miss);
+    json!({
+        "localdns_xdp": p.hit_single_ns(),
+        "localdns_null": p.steps.last().map(|s| s.single_ns),
+        "hit_net_ns": p.net_ns("+ rewrite = hit"),
+        "profile": p.to_json(),
+        "profile_md": p.table(),
+    })
 }

@@ -1,0 +1,97 @@
+//! Per-hit BPF cost against the size of the warm set: localdns's fast path
+//! and the null responder at one fixed offered rate (kxdpgun), for warm
+//! sets of 50 to 50,000 names (A only: one kernel entry per name). The
+//! fast path's live cost grows with the set (cache and TLB misses on the
+//! map's memory); the null responder touches no map and stays flat.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::Opts;
+use crate::contenders::{Kind, bpf_run, start};
+use crate::topology::{LISTEN, Topo};
+use crate::workloads::{generate, kxdpgun_replies};
+
+const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
+const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
+/// Offered rate: well below every ceiling, so the cost is per packet, not
+/// a queue's.
+pub(crate) const RATE: u32 = 100_000;
+
+pub(crate) fn sizes(o: &Opts) -> &'static [usize] {
+    if o.quick { &SIZES_QUICK } else { &SIZES_FULL }
+}
+
+/// The largest warm set (the zone holds at least that many names).
+pub(crate) fn most(o: &Opts) -> usize {
+    sizes(o).iter().copied().max().unwrap_or(0)
+}
+
+fn names_file(dir: &Path, n: usize) -> PathBuf {
+    let mut s = String::new();
+    for i in 0..n {
+        let _ = writeln!(s, "h{i}.bench.test A");
+    }
+    let p = dir.join(format!("warmset-{n}.txt"));
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+/// One contender over every size: `{name, rows: [{names, bpf_ns_per_run,
+/// replies_per_s}]}`.
+pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
+    let procs = start(k, t, o);
+    let slug = k.slug();
+    if k != Kind::Null {
+        // Every name of the largest set cached once (not counted).
+        let f = names_file(&t.dir.path, most(o));
+        let mut a: Vec<String> = ["-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["-d".into(), f.display().to_string()]);
+        generate(
+            t,
+            "dnsperf",
+            &a,
+            &raw.join(format!("{slug}-warmset-warmup.txt")),
+        );
+    }
+    let mut rows = Vec::new();
+    for &n in sizes(o) {
+        let f = names_file(&t.dir.path, n);
+        let (b0, r0) = bpf_run();
+        let args: Vec<String> = [
+            "-t",
+            &o.secs.to_string(),
+            "-Q",
+            &RATE.to_string(),
+            "-I",
+            "eth0",
+            "-i",
+            &f.display().to_string(),
+            LISTEN,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (text, _, _) = generate(
+            t,
+            "kxdpgun",
+            &args,
+            &raw.join(format!("{slug}-warmset-{n}.txt")),
+        );
+        let (b1, r1) = bpf_run();
+        rows.push(json!({
+            "names": n,
+            "bpf_ns_per_run": if r1 > r0 { (b1 - b0) as f64 / (r1 - r0) as f64 } else { f64::NAN },
+            "replies_per_s": kxdpgun_replies(&text),
+        }));
+    }
+    drop(procs);
+    std::thread::sleep(Duration::from_millis(300));
+    json!({ "name": k.name(), "rows": rows })
+}
