@@ -14,7 +14,9 @@ use localdns_common::{
     STAT_PASS_ROOM, STAT_PASS_SIZE, Scratch, csum_fold, name_span,
 };
 
-use crate::packet::{Packet, ResizeError, launder, ld16, ld64, opaque, ptr_at, st16, st64, swap16};
+use crate::packet::{
+    Packet, ResizeError, launder, ld16, ld32, ld64, opaque, ptr_at, st16, st32, st64, swap16,
+};
 use crate::query::{F_AD, F_CD, F_QR, F_RA, F_RD, F_TC, IP_OFF, Off, Query};
 
 /// Compiler barrier: memory accesses are not moved across it (BPF has no
@@ -311,44 +313,14 @@ fn undo<P: Packet>(
     }
 }
 
-/// The addresses and ports of the query, taken before the frame moves.
-struct Ends {
-    macs: [u8; 12],
-    addrs: [u8; 32],
-    ports: [u16; 2],
-}
-
-#[inline(always)]
-fn take_ends<P: Packet, const V6: bool>(p: &P) -> Result<Ends, u32> {
-    let o = Off::of(V6);
-    let head = ptr_at(p, 0, o.dns, STAT_PASS_ERROR)?;
-    let mut e = Ends {
-        macs: [0; 12],
-        addrs: [0; 32],
-        ports: [0; 2],
-    };
-    let (at, n) = if V6 {
-        (IP_OFF + 8, 32)
-    } else {
-        (IP_OFF + 12, 8)
-    };
-    unsafe {
-        core::ptr::copy_nonoverlapping(head, e.macs.as_mut_ptr(), 12);
-        core::ptr::copy_nonoverlapping(head.add(at), e.addrs.as_mut_ptr(), n);
-    }
-    e.ports = [
-        ld16(unsafe { head.add(o.udp) }),
-        ld16(unsafe { head.add(o.udp + 2) }),
-    ];
-    Ok(e)
-}
-
 /// Writes the reply's Ethernet, IP and UDP headers (addresses and ports
-/// swapped, lengths, checksums) and its DNS flags and counts.
+/// swapped in place: resizing moves only the frame's end, and the bytes
+/// before it stay as they were; lengths, checksums) and its DNS flags and
+/// counts. The headers are the last thing written, after the generation
+/// check, so an undo never has to put them back.
 #[inline(always)]
 fn finish_headers<P: Packet, const V6: bool>(
     p: &P,
-    e: &Ends,
     dns_len: usize,
     stamp: &Stamp,
     counts: &[u16; 4],
@@ -356,29 +328,39 @@ fn finish_headers<P: Packet, const V6: bool>(
     let o = Off::of(V6);
     let eth = ptr_at(p, 0, o.q, STAT_DROP_ERROR)?;
     unsafe {
-        core::ptr::copy_nonoverlapping(e.macs.as_ptr().add(6), eth, 6);
-        core::ptr::copy_nonoverlapping(e.macs.as_ptr(), eth.add(6), 6);
+        let (d0, d1) = (ld32(eth), ld16(eth.add(4)));
+        let (s0, s1) = (ld32(eth.add(6)), ld16(eth.add(10)));
+        st32(eth, s0);
+        st16(eth.add(4), s1);
+        st32(eth.add(6), d0);
+        st16(eth.add(10), d1);
         let ip = eth.add(IP_OFF);
         if V6 {
             st16(ip.add(4), ((8 + dns_len) as u16).to_be());
             *ip.add(7) = 64; // hop limit
-            core::ptr::copy_nonoverlapping(e.addrs.as_ptr().add(16), ip.add(8), 16);
-            core::ptr::copy_nonoverlapping(e.addrs.as_ptr(), ip.add(24), 16);
+            let (a0, a1) = (ld64(ip.add(8)), ld64(ip.add(16)));
+            let (b0, b1) = (ld64(ip.add(24)), ld64(ip.add(32)));
+            st64(ip.add(8), b0);
+            st64(ip.add(16), b1);
+            st64(ip.add(24), a0);
+            st64(ip.add(32), a1);
         } else {
             st16(ip.add(2), ((20 + 8 + dns_len) as u16).to_be());
             *ip.add(8) = 64; // TTL
             st16(ip.add(10), 0);
-            core::ptr::copy_nonoverlapping(e.addrs.as_ptr().add(4), ip.add(12), 4);
-            core::ptr::copy_nonoverlapping(e.addrs.as_ptr(), ip.add(16), 4);
+            let (a, b) = (ld32(ip.add(12)), ld32(ip.add(16)));
+            st32(ip.add(12), b);
+            st32(ip.add(16), a);
             let mut ip_sum: u64 = 0;
-            for i in 0..10 {
-                ip_sum += ld16(ip.add(i * 2)) as u64;
+            for i in 0..5 {
+                ip_sum += ld32(ip.add(i * 4)) as u64;
             }
             st16(ip.add(10), !csum_fold(ip_sum));
         }
         let udp = eth.add(o.udp);
-        st16(udp, e.ports[1]);
-        st16(udp.add(2), e.ports[0]);
+        let (sp, dp) = (ld16(udp), ld16(udp.add(2)));
+        st16(udp, dp);
+        st16(udp.add(2), sp);
         st16(udp.add(4), ((8 + dns_len) as u16).to_be());
         st16(udp.add(6), stamp.udp_csum);
         let hdr = eth.add(o.dns);
@@ -418,9 +400,6 @@ pub fn rewrite<P: Packet, const V6: bool>(
     if undoable && copy_saved(p, q.qend, save_len, saved, false, slot).is_err() {
         return Verdict::Pass(STAT_PASS_ERROR);
     }
-    let Ok(ends) = take_ends::<P, V6>(p) else {
-        return Verdict::Pass(STAT_PASS_ERROR);
-    };
     // --- first write: from here on an error means DROP ---
     let new_len = o.dns + f.dns_len;
     match p.resize(new_len as u32) {
@@ -467,7 +446,7 @@ pub fn rewrite<P: Packet, const V6: bool>(
         return undo(p, q, frame_len, saved, fault, slot);
     }
     // The copy is consistent: finish the reply.
-    match finish_headers::<P, V6>(p, &ends, f.dns_len, stamp, &counts) {
+    match finish_headers::<P, V6>(p, f.dns_len, stamp, &counts) {
         Ok(()) => Verdict::Reply { truncated: false },
         Err(stat) => Verdict::Drop(stat),
     }
@@ -523,9 +502,6 @@ pub fn truncated<P: Packet, const V6: bool>(
     let Ok((ends_sum, id, qf)) = sum_ends::<P, V6>(p) else {
         return Verdict::Pass(STAT_PASS_ERROR);
     };
-    let Ok(ends) = take_ends::<P, V6>(p) else {
-        return Verdict::Pass(STAT_PASS_ERROR);
-    };
     let edns = q.kflags & KEY_F_EDNS != 0;
     let (w0, w1, b10, opt_even) = our_opt(q.kflags & KEY_F_DO != 0);
     let rflags = (F_QR | F_RA | F_TC).to_be() | rcode | (qf & (F_RD | F_CD).to_be());
@@ -567,7 +543,7 @@ pub fn truncated<P: Packet, const V6: bool>(
             *opt.add(10) = b10;
         }
     }
-    match finish_headers::<P, V6>(p, &ends, dns_len, &stamp, &counts) {
+    match finish_headers::<P, V6>(p, dns_len, &stamp, &counts) {
         Ok(()) => Verdict::Reply { truncated: true },
         Err(stat) => Verdict::Drop(stat),
     }

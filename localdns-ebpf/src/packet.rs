@@ -119,6 +119,16 @@ pub fn be16(ptr: *const u8) -> u16 {
 }
 
 #[inline(always)]
+pub fn ld32(ptr: *const u8) -> u32 {
+    unsafe { (ptr as *const u32).read_unaligned() }
+}
+
+#[inline(always)]
+pub fn st32(ptr: *mut u8, v: u32) {
+    unsafe { (ptr as *mut u32).write_unaligned(v) }
+}
+
+#[inline(always)]
 pub fn ld64(ptr: *const u8) -> u64 {
     unsafe { (ptr as *const u64).read_unaligned() }
 }

@@ -13,10 +13,12 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use localdns_common::{
-    FAULT_NONE, FAULT_STOP_CHECKED, FAULT_STOP_LOOKED_UP, FAULT_STOP_PARSED, FAULT_STOP_SUMMED,
+    FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NONE, FAULT_STOP_CHECKED, FAULT_STOP_LOOKED_UP,
+    FAULT_STOP_PARSED, FAULT_STOP_SUMMED,
 };
 use serde_json::{Value, json};
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const SINGLE_RUNS: usize = 20_000;
@@ -59,11 +61,24 @@ pub fn hit_profile(load: impl Fn(u32) -> Ebpf, frame: &[u8], miss_frame: &[u8]) 
             repeat_ns: Some(repeat_ns(p, frame, XDP_PASS)),
         });
     }
+    // After the first write: single runs only (the packet changed).
+    for (name, fault) in [
+        ("+ save, resize", FAULT_AFTER_RESIZE),
+        ("+ copy tail", FAULT_AFTER_COPY),
+    ] {
+        let ebpf = load(fault);
+        let p = xdp(&ebpf, localdns_user::fastpath::XDP_PROG);
+        steps.push(Step {
+            name,
+            single_ns: median(p, frame, XDP_DROP),
+            repeat_ns: None,
+        });
+    }
     let mut ebpf = load(FAULT_NONE);
     {
         let p = xdp(&ebpf, localdns_user::fastpath::XDP_PROG);
         steps.push(Step {
-            name: "+ rewrite = hit",
+            name: "+ TTLs, headers = hit",
             single_ns: median(p, frame, XDP_TX),
             repeat_ns: None,
         });
@@ -101,8 +116,15 @@ impl Profile {
         s.repeat_ns.unwrap_or(s.single_ns as f64 - self.timer_ns)
     }
 
+    /// The full hit's row.
+    pub const HIT: &'static str = "+ TTLs, headers = hit";
+
     pub fn hit_single_ns(&self) -> u64 {
-        self.steps[4].single_ns
+        self.steps
+            .iter()
+            .find(|s| s.name == Self::HIT)
+            .unwrap()
+            .single_ns
     }
 
     pub fn table(&self) -> String {
@@ -112,12 +134,15 @@ impl Profile {
         let mut prev = 0.0;
         for (i, s) in self.steps.iter().enumerate() {
             let net = self.net_ns(s.name);
-            let own = if i < 5 {
+            // The hit's steps come first, in order; then the miss and the
+            // null responder.
+            let in_hit = i < 7;
+            let own = if in_hit {
                 format!("{:.0}", net - prev)
             } else {
                 String::new()
             };
-            if i < 5 {
+            if in_hit {
                 prev = net;
             }
             out.push_str(&format!(

@@ -986,6 +986,55 @@ fn hit_cost_report() {
     );
 }
 
+/// Cost of a hit against the size of the warm set in BPF_PROG_TEST_RUN:
+/// `n` entries seeded, their queries run in turn (single runs), so
+/// consecutive runs touch different entries as live traffic does and the
+/// map's memory is as cold as the system call between runs leaves it.
+/// Printed, not asserted (the live figure is `cargo xtask bench`'s sweep).
+#[test]
+fn warm_set_cost_report() {
+    let edns = QEdns {
+        udp_size: 1232,
+        do_bit: false,
+        options: vec![],
+    };
+    let mut line = String::new();
+    for n in [50usize, 2000, 20000] {
+        let mut ebpf = fastpath::open(&globals(localdns_common::FAULT_NONE), 65536, None).unwrap();
+        fastpath::load_xdp(&mut ebpf).unwrap();
+        let mut cache: BpfHashMap<_, CacheKey, CacheValue> =
+            BpfHashMap::try_from(ebpf.map_mut(MAP_CACHE).unwrap()).unwrap();
+        let frames: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let q = dns_query(7, &format!("h{i}.bench.test"), 1, 0x0100, Some(&edns));
+                let pq = parse_query(&q).unwrap();
+                let e = Entry::from_upstream(&pq, &replies::a2(&q), 3600, 3600, mono_ns()).unwrap();
+                let key = Key::of(localdns_common::VIEW_VNET, &pq);
+                cache
+                    .insert(encode::key(&key, SEED), encode::value(&e).unwrap(), 0)
+                    .unwrap();
+                udp_to(VNET, 53).build(&q)
+            })
+            .collect();
+        let p: &Xdp = ebpf
+            .program(fastpath::XDP_PROG)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut ns = Vec::new();
+        for _ in 0..(40_000 / n).max(2) {
+            for f in &frames {
+                ns.extend(single_run_ns(p, f, 1, XDP_TX));
+            }
+        }
+        ns.sort_unstable();
+        line.push_str(&format!(" {n}: {} ns;", ns[ns.len() / 2]));
+    }
+    println!(
+        "BPF_PROG_TEST_RUN hit against the warm set (single-run medians, timer included):{line}"
+    );
+}
+
 /// After the program's first write to a packet, a failure drops it; it is
 /// never passed half-rewritten. The one way back is a generation mismatch,
 /// where the saved query bytes are put back first: the packet passed on is

@@ -79,12 +79,33 @@ pub(crate) fn bin(name: &str) -> PathBuf {
         .join(name)
 }
 
-pub(crate) fn start(k: Kind, t: &Topo, o: &Opts) -> Vec<Proc> {
+/// A started contender. Dropping it stops the processes and then removes
+/// the daemon's pins: a stopped daemon leaves its fast path attached (as it
+/// must on a node), which would otherwise answer for the next contender.
+pub(crate) struct Running {
+    pub(crate) procs: Vec<Proc>,
+    pins: Option<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.procs.clear();
+        if let Some(p) = &self.pins {
+            let _ = std::fs::remove_dir_all(p);
+            let gone = wait_for(Duration::from_secs(5), || (bpf_run().1 == 0).then_some(()));
+            if gone.is_none() {
+                eprintln!("[bench] warning: the fast path is still attached after unpinning");
+            }
+        }
+    }
+}
+
+pub(crate) fn start(k: Kind, t: &Topo, o: &Opts) -> Running {
     start_with(k, t, o, &[])
 }
 
 /// [`start`] with extra daemon arguments (localdns only).
-pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Vec<Proc> {
+pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Running {
     let d = &t.dir.path;
     let subst = |f: &str| {
         let text = std::fs::read_to_string(o.repo.join("bench").join(f))
@@ -191,7 +212,8 @@ pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Vec<Pro
         k.name(),
         std::fs::read_to_string(log("0")).unwrap_or_default()
     );
-    procs
+    let pins = matches!(k, Kind::Localdns | Kind::LocaldnsNoFastpath).then(|| t.pin_path());
+    Running { procs, pins }
 }
 
 /// utime + stime of a process, seconds.

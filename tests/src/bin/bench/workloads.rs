@@ -207,7 +207,7 @@ pub(crate) fn dnsperf_sat(o: &Opts, file: &Path, once: bool) -> Vec<String> {
 
 pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Value {
     let procs = start(k, t, o);
-    let pids: Vec<i32> = procs.iter().map(|p| p.pid()).collect();
+    let pids: Vec<i32> = procs.procs.iter().map(|p| p.pid()).collect();
     let cpu = || pids.iter().map(|&p| proc_cpu(p)).sum::<f64>();
     let slug = k.slug();
     let rawf = |w: &str| raw.join(format!("{slug}-{w}.txt"));
@@ -438,7 +438,7 @@ pub(crate) fn prog_test_run_ns() -> Value {
     json!({
         "localdns_xdp": p.hit_single_ns(),
         "localdns_null": p.steps.last().map(|s| s.single_ns),
-        "hit_net_ns": p.net_ns("+ rewrite = hit"),
+        "hit_net_ns": p.net_ns(localdns_tests::profile::Profile::HIT),
         "profile": p.to_json(),
         "profile_md": p.table(),
     })
