@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::Opts;
 use crate::contenders::{Kind, kernel_stat, start_with};
 use crate::topology::{LISTEN, Topo};
-use crate::workloads::{field, generate};
+use crate::workloads::{args, field, generate};
 
 /// Names in `short.test`.
 pub(crate) const NAMES: usize = 1000;
@@ -58,14 +58,11 @@ pub(crate) fn measure(t: &Topo, o: &Opts, raw: &Path) -> Value {
     for amount in ["2", "0"] {
         let procs = start_with(Kind::Localdns, t, o, &["--prefetch-amount", amount]);
         let tag = format!("share-prefetch{amount}");
-        let mut warm: Vec<String> = ["-s", LISTEN, "-n", "1", "-Q", "5000", "-c", "4", "-t", "2"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut warm = args(&["-s", LISTEN, "-n", "1", "-Q", "5000", "-c", "4", "-t", "2"]);
         warm.extend(["-d".into(), all_file.display().to_string()]);
         generate(t, "dnsperf", &warm, &raw.join(format!("{tag}-warmup.txt")));
         let h0 = kernel_stat(t, "hit");
-        let mut a: Vec<String> = [
+        let mut a = args(&[
             "-s",
             LISTEN,
             "-l",
@@ -78,10 +75,7 @@ pub(crate) fn measure(t: &Topo, o: &Opts, raw: &Path) -> Value {
             "2",
             "-t",
             "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         a.extend(["-d".into(), zipf.display().to_string()]);
         let (text, _, _) = generate(t, "dnsperf", &a, &raw.join(format!("{tag}.txt")));
         let kernel = kernel_stat(t, "hit") - h0;

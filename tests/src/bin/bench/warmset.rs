@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::Opts;
 use crate::contenders::{Kind, bpf_run, start};
 use crate::topology::{LISTEN, Topo};
-use crate::workloads::{generate, kxdpgun_replies};
+use crate::workloads::{args, generate, kxdpgun_replies};
 
 const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
 const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
@@ -48,10 +48,7 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     if k != Kind::Null {
         // Every name of the largest set cached once (not counted).
         let f = names_file(&t.dir.path, most(o));
-        let mut a: Vec<String> = ["-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a = args(&["-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2"]);
         a.extend(["-d".into(), f.display().to_string()]);
         generate(
             t,
@@ -64,7 +61,7 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     for &n in sizes(o) {
         let f = names_file(&t.dir.path, n);
         let (b0, r0) = bpf_run();
-        let args: Vec<String> = [
+        let a = args(&[
             "-t",
             &o.secs.to_string(),
             "-Q",
@@ -74,14 +71,11 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
             "-i",
             &f.display().to_string(),
             LISTEN,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         let (text, _, _) = generate(
             t,
             "kxdpgun",
-            &args,
+            &a,
             &raw.join(format!("{slug}-warmset-{n}.txt")),
         );
         let (b1, r1) = bpf_run();

@@ -180,7 +180,7 @@ pub(crate) fn miss_file(dir: &Path, run: &str, lines: usize) -> PathBuf {
 /// contender here, and a dropped query frees its slot soon instead of
 /// stalling the window.
 pub(crate) fn dnsperf_sat(o: &Opts, file: &Path, once: bool) -> Vec<String> {
-    let mut a: Vec<String> = [
+    let mut a = args(&[
         "-s",
         LISTEN,
         "-l",
@@ -194,10 +194,7 @@ pub(crate) fn dnsperf_sat(o: &Opts, file: &Path, once: bool) -> Vec<String> {
         "-t",
         "1",
         "-d",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     a.push(file.display().to_string());
     if once {
         a.extend(["-n".into(), "1".into()]);
@@ -205,34 +202,82 @@ pub(crate) fn dnsperf_sat(o: &Opts, file: &Path, once: bool) -> Vec<String> {
     a
 }
 
+/// What every phase of one contender's run needs.
+struct Run<'a> {
+    t: &'a Topo,
+    o: &'a Opts,
+    f: &'a Files,
+    raw: &'a Path,
+    slug: &'static str,
+    /// The contender's processes (CPU is read from them).
+    pids: Vec<i32>,
+}
+
+impl Run<'_> {
+    fn raw(&self, w: &str) -> PathBuf {
+        self.raw.join(format!("{}-{w}.txt", self.slug))
+    }
+
+    fn cpu(&self) -> f64 {
+        self.pids.iter().map(|&p| proc_cpu(p)).sum()
+    }
+}
+
+/// Args of a command line, owned.
+pub(crate) fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// One contender through W1 (warm-up, saturation, fixed rate), then W2 and
+/// W3; one JSON object of results.
 pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Value {
     let procs = start(k, t, o);
-    let pids: Vec<i32> = procs.procs.iter().map(|p| p.pid()).collect();
-    let cpu = || pids.iter().map(|&p| proc_cpu(p)).sum::<f64>();
-    let slug = k.slug();
-    let rawf = |w: &str| raw.join(format!("{slug}-{w}.txt"));
+    let run = Run {
+        t,
+        o,
+        f,
+        raw,
+        slug: k.slug(),
+        pids: procs.procs.iter().map(|p| p.pid()).collect(),
+    };
     let mut r = serde_json::Map::new();
     r.insert("name".into(), json!(k.name()));
     r.insert("version".into(), json!(k.version()));
-
-    // Warm-up (not counted): the whole warm set once, at a moderate rate.
     if k != Kind::Null {
-        let mut a: Vec<String> = [
-            "-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2", "-d",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.push(f.hits.display().to_string());
-        generate(t, "dnsperf", &a, &rawf("w1-warmup"));
+        warm_up(&run);
     }
+    w1_saturation(&run, &mut r);
+    w1_fixed(&run, &mut r);
+    if k != Kind::Null {
+        w2_w3(&run, &mut r);
+    }
+    r.insert(
+        "peak_rss_kib".into(),
+        json!(run.pids.iter().map(|&p| peak_rss_kib(p)).sum::<u64>()),
+    );
+    drop(procs);
+    // Let sockets and XDP attachments go before the next contender.
+    std::thread::sleep(Duration::from_millis(300));
+    Value::Object(r)
+}
 
-    // W1 saturation, kxdpgun (AF_XDP) and dnsperf.
+/// The whole warm set once, at a moderate rate (not counted).
+fn warm_up(run: &Run) {
+    let mut a = args(&[
+        "-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2", "-d",
+    ]);
+    a.push(run.f.hits.display().to_string());
+    generate(run.t, "dnsperf", &a, &run.raw("w1-warmup"));
+}
+
+/// W1 at saturation: kxdpgun (AF_XDP) and dnsperf, `runs` times each.
+fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
+    let (t, o, f) = (run.t, run.o, run.f);
     let (mut kx, mut kx_cpu, mut dp, mut dp_cpu, mut dp_lost) =
         (vec![], vec![], vec![], vec![], vec![]);
     let (bs0, ns0) = bpf_run();
-    for run in 0..o.runs {
-        let args: Vec<String> = [
+    for i in 0..o.runs {
+        let a = args(&[
             "-t",
             &o.secs.to_string(),
             "-Q",
@@ -242,18 +287,15 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
             "-i",
             &f.hits.display().to_string(),
             LISTEN,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let (text, ccpu, wall) = generate(t, "kxdpgun", &args, &rawf(&format!("w1-kxdpgun-{run}")));
+        ]);
+        let (text, ccpu, wall) = generate(t, "kxdpgun", &a, &run.raw(&format!("w1-kxdpgun-{i}")));
         kx.push(kxdpgun_replies(&text));
         kx_cpu.push(ccpu / wall);
         let (text, ccpu, wall) = generate(
             t,
             "dnsperf",
             &dnsperf_sat(o, &f.hits, false),
-            &rawf(&format!("w1-dnsperf-{run}")),
+            &run.raw(&format!("w1-dnsperf-{i}")),
         );
         dp.push(field(&text, "Queries per second:").unwrap_or(0.0));
         dp_lost.push(field(&text, "Queries lost:").unwrap_or(0.0));
@@ -271,10 +313,22 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
     r.insert("w1_dnsperf_qps".into(), json!(median(&mut dp)));
     r.insert("w1_dnsperf_client_cpu".into(), json!(median(&mut dp_cpu)));
     r.insert("w1_dnsperf_lost".into(), json!(dp_lost.iter().sum::<f64>()));
+    // Latency at saturation (short verbose run).
+    if !o.quick {
+        let mut a = dnsperf_sat(o, &f.hits, false);
+        a[3] = "2".into();
+        a.push("-v".into());
+        let (text, _, _) = generate(t, "dnsperf", &a, &run.raw("w1-sat-latency"));
+        r.insert("sat_latency_us".into(), json!(percentiles(&text)));
+    }
+}
 
-    // W1 at a fixed offered rate: latency percentiles and server CPU/query.
-    let (c0, (b0, n0)) = (cpu(), bpf_run());
-    let mut a: Vec<String> = [
+/// W1 at a fixed offered rate: latency percentiles and server CPU (the
+/// contender's processes plus its BPF run time) per answer.
+fn w1_fixed(run: &Run, r: &mut serde_json::Map<String, Value>) {
+    let o = run.o;
+    let (c0, (b0, n0)) = (run.cpu(), bpf_run());
+    let mut a = args(&[
         "-s",
         LISTEN,
         "-l",
@@ -289,13 +343,10 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
         "2",
         "-v",
         "-d",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.push(f.hits.display().to_string());
-    let (text, _, _) = generate(t, "dnsperf", &a, &rawf("w1-fixed"));
-    let (c1, (b1, n1)) = (cpu(), bpf_run());
+    ]);
+    a.push(run.f.hits.display().to_string());
+    let (text, _, _) = generate(run.t, "dnsperf", &a, &run.raw("w1-fixed"));
+    let (c1, (b1, n1)) = (run.cpu(), bpf_run());
     if n1 > n0 {
         r.insert(
             "fixed_bpf_ns_per_run".into(),
@@ -321,54 +372,40 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
             f64::NAN
         }),
     );
-    // Latency at saturation (short verbose run).
-    if !o.quick {
-        let mut a = dnsperf_sat(o, &f.hits, false);
-        a[3] = "2".into();
-        a.push("-v".into());
-        let (text, _, _) = generate(t, "dnsperf", &a, &rawf("w1-sat-latency"));
-        r.insert("sat_latency_us".into(), json!(percentiles(&text)));
-    }
+}
 
-    // W2 (90% hits, 10% unique misses) and W3 (unique cluster.local misses).
-    if k != Kind::Null {
-        let lines = if o.quick { 200_000 } else { 2_000_000 };
-        let (mut w2, mut w2l, mut w3, mut w3l) = (vec![], vec![], vec![], vec![]);
-        for run in 0..o.runs {
-            let mf = mix_file(o, &t.dir.path, &format!("{slug}{run}"), lines);
-            let (text, _, _) = generate(
-                t,
-                "dnsperf",
-                &dnsperf_sat(o, &mf, true),
-                &rawf(&format!("w2-{run}")),
-            );
-            w2.push(field(&text, "Queries per second:").unwrap_or(0.0));
-            w2l.push(field(&text, "Queries lost:").unwrap_or(0.0));
-            let _ = std::fs::remove_file(mf);
-            let sf = miss_file(&t.dir.path, &format!("{slug}{run}"), lines / 4);
-            let (text, _, _) = generate(
-                t,
-                "dnsperf",
-                &dnsperf_sat(o, &sf, true),
-                &rawf(&format!("w3-{run}")),
-            );
-            w3.push(field(&text, "Queries per second:").unwrap_or(0.0));
-            w3l.push(field(&text, "Queries lost:").unwrap_or(0.0));
-            let _ = std::fs::remove_file(sf);
-        }
-        r.insert("w2_qps".into(), json!(median(&mut w2)));
-        r.insert("w2_lost".into(), json!(w2l.iter().sum::<f64>()));
-        r.insert("w3_qps".into(), json!(median(&mut w3)));
-        r.insert("w3_lost".into(), json!(w3l.iter().sum::<f64>()));
+/// W2 (90% hits, 10% unique misses) and W3 (unique cluster.local misses).
+fn w2_w3(run: &Run, r: &mut serde_json::Map<String, Value>) {
+    let (t, o) = (run.t, run.o);
+    let lines = if o.quick { 200_000 } else { 2_000_000 };
+    let (mut w2, mut w2l, mut w3, mut w3l) = (vec![], vec![], vec![], vec![]);
+    for i in 0..o.runs {
+        let tag = format!("{}{i}", run.slug);
+        let mf = mix_file(o, &t.dir.path, &tag, lines);
+        let (text, _, _) = generate(
+            t,
+            "dnsperf",
+            &dnsperf_sat(o, &mf, true),
+            &run.raw(&format!("w2-{i}")),
+        );
+        w2.push(field(&text, "Queries per second:").unwrap_or(0.0));
+        w2l.push(field(&text, "Queries lost:").unwrap_or(0.0));
+        let _ = std::fs::remove_file(mf);
+        let sf = miss_file(&t.dir.path, &tag, lines / 4);
+        let (text, _, _) = generate(
+            t,
+            "dnsperf",
+            &dnsperf_sat(o, &sf, true),
+            &run.raw(&format!("w3-{i}")),
+        );
+        w3.push(field(&text, "Queries per second:").unwrap_or(0.0));
+        w3l.push(field(&text, "Queries lost:").unwrap_or(0.0));
+        let _ = std::fs::remove_file(sf);
     }
-    r.insert(
-        "peak_rss_kib".into(),
-        json!(pids.iter().map(|&p| peak_rss_kib(p)).sum::<u64>()),
-    );
-    drop(procs);
-    // Let sockets and XDP attachments go before the next contender.
-    std::thread::sleep(Duration::from_millis(300));
-    Value::Object(r)
+    r.insert("w2_qps".into(), json!(median(&mut w2)));
+    r.insert("w2_lost".into(), json!(w2l.iter().sum::<f64>()));
+    r.insert("w3_qps".into(), json!(median(&mut w3)));
+    r.insert("w3_lost".into(), json!(w3l.iter().sum::<f64>()));
 }
 
 /// Kernel cost per packet in BPF_PROG_TEST_RUN, step by step
