@@ -378,29 +378,24 @@ fn w1_fixed(run: &Run, r: &mut serde_json::Map<String, Value>) {
 fn w2_w3(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (t, o) = (run.t, run.o);
     let lines = if o.quick { 200_000 } else { 2_000_000 };
+    // One pass over a query file at saturation: (q/s, lost); the file goes.
+    let once = |file: PathBuf, name: String| {
+        let (text, _, _) = generate(t, "dnsperf", &dnsperf_sat(o, &file, true), &run.raw(&name));
+        let _ = std::fs::remove_file(file);
+        (
+            field(&text, "Queries per second:").unwrap_or(0.0),
+            field(&text, "Queries lost:").unwrap_or(0.0),
+        )
+    };
     let (mut w2, mut w2l, mut w3, mut w3l) = (vec![], vec![], vec![], vec![]);
     for i in 0..o.runs {
         let tag = format!("{}{i}", run.slug);
-        let mf = mix_file(o, &t.dir.path, &tag, lines);
-        let (text, _, _) = generate(
-            t,
-            "dnsperf",
-            &dnsperf_sat(o, &mf, true),
-            &run.raw(&format!("w2-{i}")),
-        );
-        w2.push(field(&text, "Queries per second:").unwrap_or(0.0));
-        w2l.push(field(&text, "Queries lost:").unwrap_or(0.0));
-        let _ = std::fs::remove_file(mf);
-        let sf = miss_file(&t.dir.path, &tag, lines / 4);
-        let (text, _, _) = generate(
-            t,
-            "dnsperf",
-            &dnsperf_sat(o, &sf, true),
-            &run.raw(&format!("w3-{i}")),
-        );
-        w3.push(field(&text, "Queries per second:").unwrap_or(0.0));
-        w3l.push(field(&text, "Queries lost:").unwrap_or(0.0));
-        let _ = std::fs::remove_file(sf);
+        let (q, l) = once(mix_file(o, &t.dir.path, &tag, lines), format!("w2-{i}"));
+        w2.push(q);
+        w2l.push(l);
+        let (q, l) = once(miss_file(&t.dir.path, &tag, lines / 4), format!("w3-{i}"));
+        w3.push(q);
+        w3l.push(l);
     }
     r.insert("w2_qps".into(), json!(median(&mut w2)));
     r.insert("w2_lost".into(), json!(w2l.iter().sum::<f64>()));
