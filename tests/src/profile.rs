@@ -40,48 +40,40 @@ pub struct Profile {
     pub timer_ns: f64,
 }
 
+/// The prefixes of a hit, in order: row name, fault global, expected XDP
+/// action, and whether `repeat` can time it (only before the first write;
+/// after it the packet has changed). The last is the whole hit.
+const HIT_STEPS: [(&str, u32, u32, bool); 7] = [
+    ("parse", FAULT_STOP_PARSED, XDP_PASS, true),
+    ("+ lookup", FAULT_STOP_LOOKED_UP, XDP_PASS, true),
+    ("+ check", FAULT_STOP_CHECKED, XDP_PASS, true),
+    ("+ checksum", FAULT_STOP_SUMMED, XDP_PASS, true),
+    ("+ save, resize", FAULT_AFTER_RESIZE, XDP_DROP, false),
+    ("+ copy tail", FAULT_AFTER_COPY, XDP_DROP, false),
+    (Profile::HIT, FAULT_NONE, XDP_TX, false),
+];
+
 /// Loads the program once per stop through `load` (which must return the
 /// object with the XDP program loaded and the hit's entry seeded), times
 /// each prefix, the full hit, a miss (`miss_frame`), and the null
 /// responder on `frame`.
 pub fn hit_profile(load: impl Fn(u32) -> Ebpf, frame: &[u8], miss_frame: &[u8]) -> Profile {
-    let stops = [
-        ("parse", FAULT_STOP_PARSED),
-        ("+ lookup", FAULT_STOP_LOOKED_UP),
-        ("+ check", FAULT_STOP_CHECKED),
-        ("+ checksum", FAULT_STOP_SUMMED),
-    ];
     let mut steps = Vec::new();
-    for (name, fault) in stops {
+    let mut last = None;
+    for (name, fault, want, repeatable) in HIT_STEPS {
         let ebpf = load(fault);
         let p = xdp(&ebpf, localdns_user::fastpath::XDP_PROG);
         steps.push(Step {
             name,
-            single_ns: median(p, frame, XDP_PASS),
-            repeat_ns: Some(repeat_ns(p, frame, XDP_PASS)),
+            single_ns: median(p, frame, want),
+            repeat_ns: repeatable.then(|| repeat_ns(p, frame, want)),
         });
+        last = Some(ebpf);
     }
-    // After the first write: single runs only (the packet changed).
-    for (name, fault) in [
-        ("+ save, resize", FAULT_AFTER_RESIZE),
-        ("+ copy tail", FAULT_AFTER_COPY),
-    ] {
-        let ebpf = load(fault);
-        let p = xdp(&ebpf, localdns_user::fastpath::XDP_PROG);
-        steps.push(Step {
-            name,
-            single_ns: median(p, frame, XDP_DROP),
-            repeat_ns: None,
-        });
-    }
-    let mut ebpf = load(FAULT_NONE);
+    // The last load is the production one (no fault).
+    let mut ebpf = last.expect("hit steps");
     {
         let p = xdp(&ebpf, localdns_user::fastpath::XDP_PROG);
-        steps.push(Step {
-            name: "+ TTLs, headers = hit",
-            single_ns: median(p, frame, XDP_TX),
-            repeat_ns: None,
-        });
         steps.push(Step {
             name: "miss",
             single_ns: median(p, miss_frame, XDP_PASS),
@@ -136,7 +128,7 @@ impl Profile {
             let net = self.net_ns(s.name);
             // The hit's steps come first, in order; then the miss and the
             // null responder.
-            let in_hit = i < 7;
+            let in_hit = i < HIT_STEPS.len();
             let own = if in_hit {
                 format!("{:.0}", net - prev)
             } else {

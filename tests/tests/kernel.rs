@@ -51,12 +51,17 @@ impl Rig {
     /// The program as loaded for tests with one fault injected after its
     /// first write (see `localdns_common::GLOBAL_FAULT`).
     fn with_fault(fault: u32) -> Rig {
+        Rig::with(fault, 1024)
+    }
+
+    /// [`Rig::with_fault`] with a cache map of `entries`.
+    fn with(fault: u32, entries: u32) -> Rig {
         assert!(
             is_root(),
             "BPF_PROG_TEST_RUN tests need root (CI runs as root)"
         );
         let g = globals(fault);
-        let mut ebpf = fastpath::open(&g, 1024, None).expect("open object");
+        let mut ebpf = fastpath::open(&g, entries, None).expect("open object");
         fastpath::load_xdp(&mut ebpf).expect("XDP program verifies");
         fastpath::load_tc(&mut ebpf).expect("TC program verifies");
         fastpath::load_classifier(&mut ebpf, fastpath::TC_ROOM_PROG)
@@ -1000,23 +1005,16 @@ fn warm_set_cost_report() {
     };
     let mut line = String::new();
     for n in [50usize, 2000, 20000] {
-        let mut ebpf = fastpath::open(&globals(localdns_common::FAULT_NONE), 65536, None).unwrap();
-        fastpath::load_xdp(&mut ebpf).unwrap();
-        let mut cache: BpfHashMap<_, CacheKey, CacheValue> =
-            BpfHashMap::try_from(ebpf.map_mut(MAP_CACHE).unwrap()).unwrap();
+        let mut rig = Rig::with(localdns_common::FAULT_NONE, 65536);
         let frames: Vec<Vec<u8>> = (0..n)
             .map(|i| {
                 let q = dns_query(7, &format!("h{i}.bench.test"), 1, 0x0100, Some(&edns));
-                let pq = parse_query(&q).unwrap();
-                let e = Entry::from_upstream(&pq, &replies::a2(&q), 3600, 3600, mono_ns()).unwrap();
-                let key = Key::of(localdns_common::VIEW_VNET, &pq);
-                cache
-                    .insert(encode::key(&key, SEED), encode::value(&e).unwrap(), 0)
-                    .unwrap();
+                rig.seed(VNET.into(), &q, &replies::a2(&q), 0);
                 udp_to(VNET, 53).build(&q)
             })
             .collect();
-        let p: &Xdp = ebpf
+        let p: &Xdp = rig
+            .ebpf
             .program(fastpath::XDP_PROG)
             .unwrap()
             .try_into()

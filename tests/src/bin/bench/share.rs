@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use crate::Opts;
 use crate::contenders::{Kind, kernel_stat, start_with};
-use crate::topology::{LISTEN, Topo};
-use crate::workloads::{args, field, generate};
+use crate::topology::Topo;
+use crate::workloads::{dnsperf_fixed, dnsperf_once, field, generate};
 
 /// Names in `short.test`.
 pub(crate) const NAMES: usize = 1000;
@@ -58,25 +58,14 @@ pub(crate) fn measure(t: &Topo, o: &Opts, raw: &Path) -> Value {
     for amount in ["2", "0"] {
         let procs = start_with(Kind::Localdns, t, o, &["--prefetch-amount", amount]);
         let tag = format!("share-prefetch{amount}");
-        let mut warm = args(&["-s", LISTEN, "-n", "1", "-Q", "5000", "-c", "4", "-t", "2"]);
-        warm.extend(["-d".into(), all_file.display().to_string()]);
-        generate(t, "dnsperf", &warm, &raw.join(format!("{tag}-warmup.txt")));
+        generate(
+            t,
+            "dnsperf",
+            &dnsperf_once(5_000, &all_file),
+            &raw.join(format!("{tag}-warmup.txt")),
+        );
         let h0 = kernel_stat(t, "hit");
-        let mut a = args(&[
-            "-s",
-            LISTEN,
-            "-l",
-            &secs.to_string(),
-            "-Q",
-            &RATE.to_string(),
-            "-c",
-            "8",
-            "-T",
-            "2",
-            "-t",
-            "2",
-        ]);
-        a.extend(["-d".into(), zipf.display().to_string()]);
+        let a = dnsperf_fixed(secs, RATE, &zipf);
         let (text, _, _) = generate(t, "dnsperf", &a, &raw.join(format!("{tag}.txt")));
         let kernel = kernel_stat(t, "hit") - h0;
         let completed = field(&text, "Queries completed:").unwrap_or(0.0);

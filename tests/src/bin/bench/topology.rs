@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use localdns_tests::netns::{BpfFs, Netns, Proc, TempDir, ip, start_nsd, unique_tag};
+use localdns_tests::netns::{BpfFs, Netns, Proc, TempDir, join, start_nsd, unique_tag};
 
 use crate::Opts;
 
@@ -31,37 +31,11 @@ pub(crate) fn setup(o: &Opts) -> Topo {
     let node = Netns::new(format!("{tag}-bnode"));
     let client = Netns::new(format!("{tag}-bcli"));
     let up = Netns::new(format!("{tag}-bup"));
-    ip(&[
-        "link",
-        "add",
-        "vcl0",
-        "netns",
-        &node.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &client.name,
-    ]);
-    ip(&[
-        "link", "add", "vup0", "netns", &node.name, "type", "veth", "peer", "name", "eth0",
-        "netns", &up.name,
-    ]);
-    node.ip(&["addr", "add", "169.254.50.1/24", "dev", "vcl0"]);
-    node.ip(&["addr", "add", "169.254.60.1/24", "dev", "vup0"]);
-    node.ip(&["link", "set", "vcl0", "up"]);
-    node.ip(&["link", "set", "vup0", "up"]);
+    join(&node, "vcl0", &client, "169.254.50", 24);
+    join(&node, "vup0", &up, "169.254.60", 24);
     // Listener addresses for every contender (localdns keeps them as found).
     node.ip(&["addr", "add", "169.254.10.10/32", "dev", "lo"]);
     node.ip(&["addr", "add", "169.254.10.11/32", "dev", "lo"]);
-    client.ip(&["addr", "add", "169.254.50.2/24", "dev", "eth0"]);
-    client.ip(&["link", "set", "eth0", "up"]);
-    client.ip(&["route", "add", "default", "via", "169.254.50.1"]);
-    up.ip(&["addr", "add", "169.254.60.2/24", "dev", "eth0"]);
-    up.ip(&["link", "set", "eth0", "up"]);
-    up.ip(&["route", "add", "default", "via", "169.254.60.1"]);
     let d = dir.path.clone();
     let mut zone = String::from(
         "$ORIGIN bench.test.\n$TTL 3600\n@ IN SOA ns admin 1 3600 600 86400 3600\n@ IN NS ns\nns IN A 192.0.2.53\n",

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::Opts;
 use crate::contenders::{Kind, bpf_run, start};
 use crate::topology::{LISTEN, Topo};
-use crate::workloads::{args, generate, kxdpgun_replies};
+use crate::workloads::{args, dnsperf_once, generate, kxdpgun_replies};
 
 const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
 const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
@@ -48,12 +48,10 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     if k != Kind::Null {
         // Every name of the largest set cached once (not counted).
         let f = names_file(&t.dir.path, most(o));
-        let mut a = args(&["-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2"]);
-        a.extend(["-d".into(), f.display().to_string()]);
         generate(
             t,
             "dnsperf",
-            &a,
+            &dnsperf_once(20_000, &f),
             &raw.join(format!("{slug}-warmset-warmup.txt")),
         );
     }

@@ -176,6 +176,44 @@ pub(crate) fn miss_file(dir: &Path, run: &str, lines: usize) -> PathBuf {
     p
 }
 
+/// dnsperf through `file` once at `qps` (warm-ups, not counted).
+pub(crate) fn dnsperf_once(qps: u32, file: &Path) -> Vec<String> {
+    let mut a = args(&[
+        "-s",
+        LISTEN,
+        "-n",
+        "1",
+        "-Q",
+        &qps.to_string(),
+        "-c",
+        "4",
+        "-t",
+        "2",
+    ]);
+    a.extend(["-d".into(), file.display().to_string()]);
+    a
+}
+
+/// dnsperf at a fixed offered rate for `secs`, looping over `file`.
+pub(crate) fn dnsperf_fixed(secs: u32, qps: u32, file: &Path) -> Vec<String> {
+    let mut a = args(&[
+        "-s",
+        LISTEN,
+        "-l",
+        &secs.to_string(),
+        "-Q",
+        &qps.to_string(),
+        "-c",
+        "8",
+        "-T",
+        "2",
+        "-t",
+        "2",
+    ]);
+    a.extend(["-d".into(), file.display().to_string()]);
+    a
+}
+
 /// dnsperf at saturation: 500 outstanding and a 1 s timeout saturate every
 /// contender here, and a dropped query frees its slot soon instead of
 /// stalling the window.
@@ -263,10 +301,7 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
 
 /// The whole warm set once, at a moderate rate (not counted).
 fn warm_up(run: &Run) {
-    let mut a = args(&[
-        "-s", LISTEN, "-n", "1", "-Q", "20000", "-c", "4", "-t", "2", "-d",
-    ]);
-    a.push(run.f.hits.display().to_string());
+    let a = dnsperf_once(20_000, &run.f.hits);
     generate(run.t, "dnsperf", &a, &run.raw("w1-warmup"));
 }
 
@@ -328,23 +363,8 @@ fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
 fn w1_fixed(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let o = run.o;
     let (c0, (b0, n0)) = (run.cpu(), bpf_run());
-    let mut a = args(&[
-        "-s",
-        LISTEN,
-        "-l",
-        &o.secs.to_string(),
-        "-Q",
-        &o.fixed_qps.to_string(),
-        "-c",
-        "8",
-        "-T",
-        "2",
-        "-t",
-        "2",
-        "-v",
-        "-d",
-    ]);
-    a.push(run.f.hits.display().to_string());
+    let mut a = dnsperf_fixed(o.secs, o.fixed_qps, &run.f.hits);
+    a.push("-v".into());
     let (text, _, _) = generate(run.t, "dnsperf", &a, &run.raw("w1-fixed"));
     let (c1, (b1, n1)) = (run.cpu(), bpf_run());
     if n1 > n0 {
