@@ -9,15 +9,36 @@
 //! every field's name or doc comment.
 #![no_std]
 
-/// Cache map name (BTF LRU hash).
+/// Cache map name (BTF LRU hash), small size class.
 ///
-/// - purpose: cached DNS responses the kernel may serve without the daemon
-/// - key: [`CacheKey`]; value: [`CacheValue`]
+/// - purpose: cached DNS responses the kernel may serve without the daemon,
+///   those that fit 256 bytes ([`CacheValue::compact`]: name up to 80
+///   bytes, tail up to 88, up to 8 records): nearly all of them
+/// - key: [`CacheKey`]; value: [`SmallValue`]
 /// - writer: `localdns-user` (after each cacheable upstream answer; deletes on
-///   expiry/flush); reader: XDP/TC program (lookup only, never writes)
+///   expiry/flush; an entry lives in exactly one of the two cache maps);
+///   reader: XDP/TC program (looks here first; writes only
+///   [`EntryHead::hits`])
 /// - capacity: [`CACHE_MAP_ENTRIES`] by default, `--fastpath-entries` at load
 /// - eviction: kernel LRU; the program also refuses entries past `expire_ns`
 pub const MAP_CACHE: &str = "LDNS_CACHE";
+/// Cache map name (BTF LRU hash), big size class.
+///
+/// - purpose: the cached responses [`MAP_CACHE`] has no room for (long
+///   names, CNAME chains, many records, up to a 1232-byte reply)
+/// - key: [`CacheKey`]; value: [`CacheValue`]
+/// - writer: `localdns-user`, as for [`MAP_CACHE`]; reader: XDP/TC program,
+///   after a miss in [`MAP_CACHE`]
+/// - capacity: [`big_entries`] of the small map's
+/// - eviction: kernel LRU, independent of [`MAP_CACHE`]'s
+pub const MAP_CACHE_BIG: &str = "LDNS_CACHE_BIG";
+
+/// Capacity of [`MAP_CACHE_BIG`] for a [`MAP_CACHE`] of `entries`: a
+/// quarter (big answers are the exception), at least 64.
+pub const fn big_entries(entries: u32) -> u32 {
+    let e = entries / 4;
+    if e < 64 { 64 } else { e }
+}
 /// Counter map name (BTF per-CPU array of `u64`).
 ///
 /// - purpose: hot-path counters (hits, misses, passes by reason)
@@ -53,7 +74,7 @@ pub const MAP_META: &str = "LDNS_META";
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
@@ -124,7 +145,8 @@ pub const FAULT_STOP_CHECKED: u32 = 18;
 /// Profiling: stop after the reply's checksum and flags were computed.
 pub const FAULT_STOP_SUMMED: u32 = 19;
 
-/// Default capacity of [`MAP_CACHE`] (entries). ~1 KiB per entry.
+/// Default capacity of [`MAP_CACHE`] (entries): 320 bytes each in the
+/// kernel, plus a quarter as many 1,664-byte [`MAP_CACHE_BIG`] slots.
 pub const CACHE_MAP_ENTRIES: u32 = 16384;
 
 /// View index of 169.254.10.10 (`vnetDNSOverrides`).
@@ -148,7 +170,7 @@ pub const MAX_REPLY: usize = 1232;
 /// reply of at most [`MAX_REPLY`] bytes, rounded up to whole words).
 pub const MAX_TAIL: usize = 1216;
 /// Largest number of TTL fields a kernel-served response may carry (28:
-/// the value header stays 120 bytes with the prefetch fields).
+/// head and offsets fill 120 bytes).
 pub const MAX_TTLS: usize = 28;
 /// UDP payload size limit for clients without EDNS (RFC 1035).
 pub const PLAIN_UDP_MAX: u16 = 512;
@@ -188,20 +210,16 @@ pub const fn name_span(qname_len: usize) -> usize {
     (qname_len + 7) & !7
 }
 
-/// Value of [`MAP_CACHE`]: a response's wire image minus what the kernel
-/// takes from the query (ID, RD bit, question bytes as sent), plus what it
-/// needs to finish the reply in place.
+/// The first 64 bytes (one cache line) of every cache value, both size
+/// classes: everything a hit reads besides the TTL offsets, the name and
+/// the tail.
 ///
 /// Reply = header (query ID, `flags_be` with the query's RD bit, counts) +
 /// the query's question bytes + the tail with every TTL field at
 /// `ttl_off[..ttl_count]` set to `ttl - elapsed_seconds`.
-///
-/// Layout is for the cache: a hit reads the 120-byte header block and then
-/// `data` from its start (qname, then the tail right behind it), so a
-/// typical entry costs three or four cache lines, not one per field.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct CacheValue {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryHead {
     /// Generation: a number the daemon never writes twice (strictly
     /// increasing, from `CLOCK_MONOTONIC`). First in the value so a copy
     /// into a reused element changes it before the rest. The program reads
@@ -251,6 +269,17 @@ pub struct CacheValue {
     /// Milliseconds after `insert_ns` at which the prefetch window opens
     /// (the last `percentage` of the TTL).
     pub prefetch_ms: u32,
+}
+const _: () = assert!(core::mem::size_of::<EntryHead>() == 64);
+
+/// Value of [`MAP_CACHE_BIG`], and the daemon's working form of every
+/// entry: a response's wire image minus what the kernel takes from the
+/// query (ID, RD bit, question bytes as sent), plus what it needs to
+/// finish the reply in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CacheValue {
+    pub head: EntryHead,
     /// Offsets of TTL fields from the start of the tail, host byte order.
     pub ttl_off: [u16; MAX_TTLS],
     /// `data[..qname_len]`: the lower-cased wire qname, checked against the
@@ -261,30 +290,116 @@ pub struct CacheValue {
     pub data: [u8; DATA_LEN],
 }
 const _: () = assert!(core::mem::size_of::<CacheValue>() == 1600);
-const _: () = assert!(core::mem::offset_of!(CacheValue, generation) == 0);
+const _: () = assert!(core::mem::offset_of!(CacheValue, head) == 0);
 const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 120);
+
+/// TTL fields a [`SmallValue`] holds.
+pub const SMALL_TTLS: usize = 8;
+/// Longest name span ([`name_span`]) of a [`SmallValue`]: names of up to
+/// 80 bytes (`my-service.my-namespace.svc.cluster.local.` is 43).
+pub const SMALL_SPAN_MAX: usize = 80;
+/// Longest tail of a [`SmallValue`]: a few A/AAAA records with our OPT
+/// (one A + OPT is 27 bytes, two AAAA + OPT 67).
+pub const SMALL_TAIL_MAX: usize = 88;
+/// Bytes of [`SmallValue::data`]: name, tail and the 8 spare bytes a word
+/// read at the largest checked offset needs.
+pub const SMALL_DATA_LEN: usize = SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8;
+
+/// Value of [`MAP_CACHE`]: the same entry as a [`CacheValue`] in 256 bytes
+/// (four cache lines, the head in the first), for the common small answers.
+/// A hit reads the head, then `ttl_off` and the name and tail in the next
+/// one or two lines; 20,000 entries take 6 MiB of elements instead of 33.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SmallValue {
+    pub head: EntryHead,
+    /// As [`CacheValue::ttl_off`], at most [`SMALL_TTLS`].
+    pub ttl_off: [u16; SMALL_TTLS],
+    /// As [`CacheValue::data`], name span at most [`SMALL_SPAN_MAX`], tail
+    /// at most [`SMALL_TAIL_MAX`].
+    pub data: [u8; SMALL_DATA_LEN],
+}
+const _: () = assert!(core::mem::size_of::<SmallValue>() == 256);
+const _: () = assert!(core::mem::offset_of!(SmallValue, head) == 0);
+
+/// What the program needs of either size class: the head at offset 0,
+/// and where the TTL offsets and data are, with the bounds of the class.
+/// Offsets into `data` the program reads are checked against `SPAN_MAX`
+/// and `TAIL_MAX` separately, so `SPAN_MAX + TAIL_MAX + 8` must fit.
+pub trait Slot {
+    /// Most TTL offsets.
+    const TTLS: usize;
+    /// Longest name span.
+    const SPAN_MAX: usize;
+    /// Longest tail.
+    const TAIL_MAX: usize;
+    fn head(&self) -> &EntryHead;
+    fn ttl_off_ptr(&self) -> *const u16;
+    fn data_ptr(&self) -> *const u8;
+}
+
+impl Slot for CacheValue {
+    const TTLS: usize = MAX_TTLS;
+    const SPAN_MAX: usize = MAX_QNAME + 1;
+    const TAIL_MAX: usize = MAX_TAIL;
+    #[inline(always)]
+    fn head(&self) -> &EntryHead {
+        &self.head
+    }
+    #[inline(always)]
+    fn ttl_off_ptr(&self) -> *const u16 {
+        self.ttl_off.as_ptr()
+    }
+    #[inline(always)]
+    fn data_ptr(&self) -> *const u8 {
+        self.data.as_ptr()
+    }
+}
+
+impl Slot for SmallValue {
+    const TTLS: usize = SMALL_TTLS;
+    const SPAN_MAX: usize = SMALL_SPAN_MAX;
+    const TAIL_MAX: usize = SMALL_TAIL_MAX;
+    #[inline(always)]
+    fn head(&self) -> &EntryHead {
+        &self.head
+    }
+    #[inline(always)]
+    fn ttl_off_ptr(&self) -> *const u16 {
+        self.ttl_off.as_ptr()
+    }
+    #[inline(always)]
+    fn data_ptr(&self) -> *const u8 {
+        self.data.as_ptr()
+    }
+}
+const _: () = assert!(CacheValue::SPAN_MAX + CacheValue::TAIL_MAX + 8 <= DATA_LEN);
+const _: () = assert!(SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8 <= SMALL_DATA_LEN);
+const _: () = assert!(SMALL_SPAN_MAX % 8 == 0 && SMALL_TAIL_MAX % 8 == 0);
 
 impl CacheValue {
     pub const fn zeroed() -> Self {
         Self {
-            generation: 0,
-            insert_ns: 0,
-            expire_ns: 0,
-            ttl: 0,
-            csum_partial: 0,
-            flags_be: 0,
-            counts_be: [0; 4],
-            tail_len: 0,
-            ttl_count: 0,
-            ttl_even: 0,
-            ttl_odd: 0,
-            qname_len: 0,
-            log: 0,
-            _pad: 0,
-            stat: 0,
-            hits: 0,
-            prefetch_amount: 0,
-            prefetch_ms: 0,
+            head: EntryHead {
+                generation: 0,
+                insert_ns: 0,
+                expire_ns: 0,
+                ttl: 0,
+                csum_partial: 0,
+                flags_be: 0,
+                counts_be: [0; 4],
+                tail_len: 0,
+                ttl_count: 0,
+                ttl_even: 0,
+                ttl_odd: 0,
+                qname_len: 0,
+                log: 0,
+                _pad: 0,
+                stat: 0,
+                hits: 0,
+                prefetch_amount: 0,
+                prefetch_ms: 0,
+            },
             ttl_off: [0; MAX_TTLS],
             data: [0; DATA_LEN],
         }
@@ -292,13 +407,45 @@ impl CacheValue {
 
     /// The stored lower-case qname.
     pub fn qname(&self) -> &[u8] {
-        &self.data[..(self.qname_len as usize).min(MAX_QNAME)]
+        &self.data[..(self.head.qname_len as usize).min(MAX_QNAME)]
     }
 
     /// The stored tail (as far as it lies inside `data`).
     pub fn tail(&self) -> &[u8] {
-        let at = name_span((self.qname_len as usize).min(MAX_QNAME));
-        &self.data[at..(at + self.tail_len as usize).min(DATA_LEN)]
+        let at = name_span((self.head.qname_len as usize).min(MAX_QNAME));
+        &self.data[at..(at + self.head.tail_len as usize).min(DATA_LEN)]
+    }
+
+    /// The entry in the small class, when it fits there (the daemon writes
+    /// it to [`MAP_CACHE`] then, else to [`MAP_CACHE_BIG`]).
+    pub fn compact(&self) -> Option<SmallValue> {
+        let h = &self.head;
+        let span = name_span(h.qname_len as usize);
+        let tail = h.tail_len as usize;
+        let ttls = h.ttl_count as usize;
+        if span > SMALL_SPAN_MAX || tail > SMALL_TAIL_MAX || ttls > SMALL_TTLS {
+            return None;
+        }
+        let mut s = SmallValue {
+            head: *h,
+            ttl_off: [0; SMALL_TTLS],
+            data: [0; SMALL_DATA_LEN],
+        };
+        s.ttl_off[..ttls].copy_from_slice(&self.ttl_off[..ttls]);
+        s.data[..span + tail].copy_from_slice(&self.data[..span + tail]);
+        Some(s)
+    }
+}
+
+impl SmallValue {
+    /// The same entry in the big class's layout (what the daemon reads
+    /// back, whichever map held it).
+    pub fn expand(&self) -> CacheValue {
+        let mut v = CacheValue::zeroed();
+        v.head = self.head;
+        v.ttl_off[..SMALL_TTLS].copy_from_slice(&self.ttl_off);
+        v.data[..SMALL_DATA_LEN].copy_from_slice(&self.data);
+        v
     }
 }
 
@@ -508,6 +655,7 @@ mod pod {
     // holes (explicit `_pad` fields).
     unsafe impl aya::Pod for super::CacheKey {}
     unsafe impl aya::Pod for super::CacheValue {}
+    unsafe impl aya::Pod for super::SmallValue {}
     unsafe impl aya::Pod for super::LogEvent {}
     unsafe impl aya::Pod for super::Meta {}
 }

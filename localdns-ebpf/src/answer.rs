@@ -8,10 +8,10 @@
 //! reply, as the daemon sends it.
 
 use localdns_common::{
-    CacheValue, FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
-    FAULT_RACE_NO_UNDO, KEY_F_DO, KEY_F_EDNS, MAX_QNAME, MAX_TAIL, MAX_TTLS, SAVE_MAX,
-    STAT_DROP_ERROR, STAT_EXPIRED, STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE,
-    STAT_PASS_ROOM, STAT_PASS_SIZE, Scratch, csum_fold, name_span,
+    FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
+    FAULT_RACE_NO_UNDO, KEY_F_DO, KEY_F_EDNS, SAVE_MAX, STAT_DROP_ERROR, STAT_EXPIRED,
+    STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_ROOM, STAT_PASS_SIZE, Scratch,
+    Slot, csum_fold, name_span,
 };
 
 use crate::packet::{
@@ -58,45 +58,48 @@ pub struct Fresh {
 /// name is in `scratch` (lower-cased words, see
 /// [`crate::query::take_name`]).
 #[inline(always)]
-pub fn check(q: &Query, v: &CacheValue, now: u64, scratch: *mut Scratch) -> Result<Fresh, u32> {
+pub fn check<V: Slot>(q: &Query, v: &V, now: u64, scratch: *mut Scratch) -> Result<Fresh, u32> {
     let slot = unsafe { &raw mut (*scratch).launder };
     let name = unsafe { (*scratch).qname.as_ptr() };
-    let generation = unsafe { core::ptr::read_volatile(&v.generation) };
+    let h = v.head();
+    let generation = unsafe { core::ptr::read_volatile(&h.generation) };
     barrier();
-    if now >= v.expire_ns {
+    if now >= h.expire_ns {
         return Err(STAT_EXPIRED);
     }
     // Both sides read the coarse clock, so `now` is never behind the
     // insert; if it were, the entry would be new.
-    let elapsed = now.saturating_sub(v.insert_ns) / 1_000_000_000;
-    if elapsed >= v.ttl as u64 {
+    let elapsed = now.saturating_sub(h.insert_ns) / 1_000_000_000;
+    if elapsed >= h.ttl as u64 {
         return Err(STAT_EXPIRED);
     }
-    if v.qname_len as usize != q.qlen {
+    // The entry's class holds names of at most V::SPAN_MAX bytes.
+    if h.qname_len as usize != q.qlen || name_span(q.qlen) > V::SPAN_MAX {
         return Err(STAT_PASS_COLLISION);
     }
     let nwords = launder(slot, q.qlen.div_ceil(8));
+    let data = v.data_ptr();
     let mut diff = 0u64;
-    for i in 0..32 {
+    for i in 0..V::SPAN_MAX / 8 {
         if i >= opaque(nwords) {
             break;
         }
         // Both names are zero-padded to whole words.
-        diff |= ld64(unsafe { name.add(i * 8) }) ^ ld64(unsafe { v.data.as_ptr().add(i * 8) });
+        diff |= ld64(unsafe { name.add(i * 8) }) ^ ld64(unsafe { data.add(i * 8) });
     }
     if diff != 0 {
         return Err(STAT_PASS_COLLISION);
     }
-    let tail_len = v.tail_len as usize;
-    let ttl_count = v.ttl_count as usize;
+    let tail_len = h.tail_len as usize;
+    let ttl_count = h.ttl_count as usize;
     // Every tail holds at least one record, so at least 11 bytes.
-    if !(8..=MAX_TAIL).contains(&tail_len) || ttl_count > MAX_TTLS {
+    if !(8..=V::TAIL_MAX).contains(&tail_len) || ttl_count > V::TTLS {
         return Err(STAT_PASS_ERROR);
     }
     let dns_len = 12 + q.qlen + 4 + tail_len;
     Ok(Fresh {
         generation,
-        ttl_now: v.ttl - elapsed as u32,
+        ttl_now: h.ttl - elapsed as u32,
         tail_len,
         ttl_count,
         dns_len,
@@ -141,12 +144,13 @@ fn sum_ends<P: Packet, const V6: bool>(p: &P) -> Result<(u64, u16, u16), u32> {
 /// `wire::reply_flags`): the entry's QR, RA, RCODE; RD and CD from the
 /// query; AD only when the query set DO or AD (RFC 6840 §5.8).
 #[inline(always)]
-pub fn checksum<P: Packet, const V6: bool>(
+pub fn checksum<P: Packet, const V6: bool, V: Slot>(
     p: &P,
     q: &Query,
-    v: &CacheValue,
+    v: &V,
     f: &Fresh,
 ) -> Result<Stamp, u32> {
+    let v = v.head();
     let (ends, id, qf) = sum_ends::<P, V6>(p)?;
     let ad_wanted = q.kflags & KEY_F_DO != 0 || qf & F_AD.to_be() != 0;
     let base = if ad_wanted {
@@ -240,10 +244,10 @@ fn copy_saved<P: Packet>(
 /// question: whole words, then the last 8 bytes once more (overlapping) so
 /// no write passes the frame's end.
 #[inline(always)]
-fn copy_tail<P: Packet>(
+fn copy_tail<P: Packet, V: Slot>(
     p: &P,
     q: &Query,
-    v: &CacheValue,
+    v: &V,
     tail_len: usize,
     slot: *mut u64,
 ) -> Result<(), u32> {
@@ -251,22 +255,22 @@ fn copy_tail<P: Packet>(
     // Checks on the registers themselves: masks would bound them too
     // loosely (MAX_TAIL is no power of two; the span could reach 504).
     let span = opaque(name_span(q.qlen & 0xff));
-    if span > MAX_QNAME + 1 {
+    if span > V::SPAN_MAX {
         return Err(STAT_DROP_ERROR);
     }
     // One comparison on the register used (a tail under 8 bytes wraps
     // around): LLVM turns range checks into a check on a derived value,
     // which the 6.1 verifier does not carry back.
     let last = opaque(tail_len.wrapping_sub(8));
-    if last > MAX_TAIL - 8 {
+    if last > V::TAIL_MAX - 8 {
         return Err(STAT_DROP_ERROR);
     }
     let tail_len = last + 8;
-    let src = unsafe { v.data.as_ptr().add(span) };
+    let src = unsafe { v.data_ptr().add(span) };
     // 64-byte chunks (one bounds check each), then words, then the last
     // word once more.
     let chunks = launder(slot, tail_len / 64);
-    for c in 0..MAX_TAIL / 64 {
+    for c in 0..V::TAIL_MAX / 64 {
         if c >= opaque(chunks) {
             break;
         }
@@ -283,7 +287,7 @@ fn copy_tail<P: Packet>(
             break;
         }
         let at = opaque(done + i * 8);
-        if at > MAX_TAIL - 8 {
+        if at > V::TAIL_MAX - 8 {
             return Err(STAT_DROP_ERROR);
         }
         let d = ptr_at(p, qend + at, 8, STAT_DROP_ERROR)?;
@@ -375,10 +379,10 @@ fn finish_headers<P: Packet, const V6: bool>(
 /// Rewrites the query into the reply. `fault` is the test-only
 /// [`localdns_common::GLOBAL_FAULT`] (0 in production).
 #[inline(always)]
-pub fn rewrite<P: Packet, const V6: bool>(
+pub fn rewrite<P: Packet, const V6: bool, V: Slot>(
     p: &P,
     q: &Query,
-    v: &CacheValue,
+    v: &V,
     f: &Fresh,
     stamp: &Stamp,
     scratch: *mut Scratch,
@@ -425,19 +429,20 @@ pub fn rewrite<P: Packet, const V6: bool>(
     // back) and the record counts.
     let ttl_be = f.ttl_now.to_be();
     let n = launder(slot, f.ttl_count);
-    for i in 0..MAX_TTLS {
+    let ttl_off = v.ttl_off_ptr();
+    for i in 0..V::TTLS {
         if i >= opaque(n) {
             break;
         }
-        let off = q.qend + (v.ttl_off[i] as usize & 0x7ff);
+        let off = q.qend + (unsafe { *ttl_off.add(i) } as usize & 0x7ff);
         let Ok(t) = ptr_at(p, off, 4, STAT_DROP_ERROR) else {
             return Verdict::Drop(STAT_DROP_ERROR);
         };
         unsafe { (t as *mut u32).write_unaligned(ttl_be) };
     }
-    let counts = v.counts_be;
+    let counts = v.head().counts_be;
     barrier();
-    let generation = unsafe { core::ptr::read_volatile(&v.generation) };
+    let generation = unsafe { core::ptr::read_volatile(&v.head().generation) };
     let torn = generation != f.generation && fault != FAULT_NO_GENERATION_CHECK;
     if torn || fault == FAULT_RACE || fault == FAULT_RACE_NO_UNDO {
         if !undoable {
@@ -487,13 +492,14 @@ const fn our_opt(do_bit: bool) -> (u64, u16, u8, u64) {
 /// from the query alone: the entry gives only its RCODE, read before the
 /// generation is checked again (and before any write).
 #[inline(always)]
-pub fn truncated<P: Packet, const V6: bool>(
+pub fn truncated<P: Packet, const V6: bool, V: Slot>(
     p: &P,
     q: &Query,
-    v: &CacheValue,
+    v: &V,
     f: &Fresh,
 ) -> Verdict {
     let o = Off::of(V6);
+    let v = v.head();
     let rcode = v.flags_be & (0x000fu16).to_be();
     barrier();
     if unsafe { core::ptr::read_volatile(&v.generation) } != f.generation {

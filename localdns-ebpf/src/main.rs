@@ -26,11 +26,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use localdns_common::{
-    CACHE_MAP_ENTRIES, CacheKey, CacheValue, EVENT_PREFETCH, EVENT_QUERY, FAULT_STOP_CHECKED,
-    FAULT_STOP_LOOKED_UP, FAULT_STOP_PARSED, FAULT_STOP_SUMMED, KEY_F_EDNS, LOG_RING_BYTES,
-    LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta, STAT_ENTRIES,
-    STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM, STAT_TRUNCATED,
-    STAT_ZONE_BASE, Scratch, csum_fold,
+    CACHE_MAP_ENTRIES, CacheKey, CacheValue, EVENT_PREFETCH, EVENT_QUERY, EntryHead,
+    FAULT_STOP_CHECKED, FAULT_STOP_LOOKED_UP, FAULT_STOP_PARSED, FAULT_STOP_SUMMED, KEY_F_EDNS,
+    LOG_RING_BYTES, LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta,
+    STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM,
+    STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, Slot, SmallValue, big_entries, csum_fold,
 };
 
 use answer::Verdict;
@@ -40,8 +40,14 @@ use query::{IP_OFF, Listeners, MAX_QUERY, Off, Query};
 // Map contracts (purpose, key, value, writer, reader, capacity, eviction) are
 // documented on the MAP_* constants in localdns-common.
 #[btf_map]
-static LDNS_CACHE: LruHashMap<CacheKey, CacheValue, { CACHE_MAP_ENTRIES as usize }> =
+static LDNS_CACHE: LruHashMap<CacheKey, SmallValue, { CACHE_MAP_ENTRIES as usize }> =
     LruHashMap::new();
+#[btf_map]
+static LDNS_CACHE_BIG: LruHashMap<
+    CacheKey,
+    CacheValue,
+    { big_entries(CACHE_MAP_ENTRIES) as usize },
+> = LruHashMap::new();
 #[btf_map]
 static LDNS_STATS: PerCpuArray<u64, { STAT_ENTRIES as usize }> = PerCpuArray::new();
 #[btf_map]
@@ -135,9 +141,25 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
         flags: q.kflags,
         _pad: 0,
     };
-    let Some(vp) = LDNS_CACHE.get_ptr_mut(key) else {
-        return Verdict::Pass(STAT_MISS);
-    };
+    // Small class first: nearly every entry is there.
+    if let Some(vp) = LDNS_CACHE.get_ptr_mut(key) {
+        return hit::<P, V6, SmallValue>(p, &q, vp, scratch, fault);
+    }
+    if let Some(vp) = LDNS_CACHE_BIG.get_ptr_mut(key) {
+        return hit::<P, V6, CacheValue>(p, &q, vp, scratch, fault);
+    }
+    Verdict::Pass(STAT_MISS)
+}
+
+/// Answers from the entry `vp` of either size class, or says why not.
+#[inline(always)]
+fn hit<P: Packet, const V6: bool, V: Slot>(
+    p: &P,
+    q: &Query,
+    vp: *mut V,
+    scratch: *mut Scratch,
+    fault: u32,
+) -> Verdict {
     if fault == FAULT_STOP_LOOKED_UP {
         return Verdict::Pass(STAT_MISS);
     }
@@ -151,25 +173,26 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
         return Verdict::Pass(STAT_MISS);
     }
     if fresh.truncate {
-        let verdict = answer::truncated::<P, V6>(p, &q, v, &fresh);
-        count_answer::<V6>(&verdict, v);
+        let verdict = answer::truncated::<P, V6, V>(p, &q, v, &fresh);
+        count_answer::<V6>(&verdict, v.head());
         return verdict;
     }
-    let stamp = match answer::checksum::<P, V6>(p, &q, v, &fresh) {
+    let stamp = match answer::checksum::<P, V6, V>(p, &q, v, &fresh) {
         Ok(s) => s,
         Err(stat) => return Verdict::Pass(stat),
     };
     if fault == FAULT_STOP_SUMMED {
         return Verdict::Pass(STAT_MISS);
     }
-    let verdict = answer::rewrite::<P, V6>(p, &q, v, &fresh, &stamp, scratch, fault);
-    count_answer::<V6>(&verdict, v);
+    let verdict = answer::rewrite::<P, V6, V>(p, &q, v, &fresh, &stamp, scratch, fault);
+    count_answer::<V6>(&verdict, v.head());
     if matches!(verdict, Verdict::Reply { .. }) {
         let rflags = u16::from_be(stamp.rflags);
-        if v.log != 0 {
+        if v.head().log != 0 {
             log_hit::<P, V6>(p, &q, now, fresh.dns_len, rflags, EVENT_QUERY);
         }
-        if prefetch_due(vp, now) {
+        // Every class has its head at offset 0.
+        if prefetch_due(vp.cast::<EntryHead>(), now) {
             log_hit::<P, V6>(p, &q, now, fresh.dns_len, rflags, EVENT_PREFETCH);
         }
     }
@@ -180,7 +203,7 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
 /// reaches the entry's prefetch amount (the daemon then refreshes it and
 /// the new value starts from 0).
 #[inline(always)]
-fn prefetch_due(vp: *mut CacheValue, now: u64) -> bool {
+fn prefetch_due(vp: *mut EntryHead, now: u64) -> bool {
     let v = unsafe { &*vp };
     let amount = v.prefetch_amount;
     if amount == 0 || now < v.insert_ns + u64::from(v.prefetch_ms) * 1_000_000 {
@@ -194,7 +217,7 @@ fn prefetch_due(vp: *mut CacheValue, now: u64) -> bool {
 /// Counts an answer under the entry's stat slot and the family: the only
 /// counter update of a hit (see `STAT_ZONE_BASE`).
 #[inline(always)]
-fn count_answer<const V6: bool>(verdict: &Verdict, v: &CacheValue) {
+fn count_answer<const V6: bool>(verdict: &Verdict, v: &EntryHead) {
     if matches!(verdict, Verdict::Reply { .. }) {
         let slot = u32::from(v.stat) & (MAX_STAT_SLOTS - 1);
         count(STAT_ZONE_BASE + (slot << 1) + u32::from(V6));
@@ -284,6 +307,8 @@ fn account(v: &Verdict) {
 }
 
 #[xdp]
+// Inlined into the macro's entry point: no call per packet.
+#[inline(always)]
 pub fn localdns_xdp(ctx: XdpContext) -> u32 {
     let verdict = try_answer(&Xdp(&ctx));
     account(&verdict);
@@ -371,6 +396,8 @@ fn try_null<P: Packet>(p: &P) -> Result<(), u32> {
 
 /// TC mode: every query to a listener address.
 #[classifier]
+// Inlined into the macro's entry point: no call per packet.
+#[inline(always)]
 pub fn localdns_tc(ctx: TcContext) -> i32 {
     tc_answer(&ctx)
 }
@@ -379,6 +406,8 @@ pub fn localdns_tc(ctx: TcContext) -> i32 {
 /// program passed for want of room to grow the frame (marked in the
 /// metadata); everything else goes on untouched and uncounted.
 #[classifier]
+// Inlined into the macro's entry point: no call per packet.
+#[inline(always)]
 pub fn localdns_tc_room(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
     let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };

@@ -59,22 +59,48 @@ impl Packet for Xdp<'_> {
 
 pub struct Tc<'a>(pub &'a TcContext);
 
+/// Loads the `__sk_buff` field at `OFF` with one instruction on the
+/// context pointer itself: LLVM may otherwise keep `ctx + OFF` in a
+/// register across a helper call and load through it later, which the
+/// verifier refuses ("dereference of modified ctx ptr").
+#[inline(always)]
+fn skb_field<const OFF: usize>(ctx: &TcContext) -> usize {
+    // A 32-bit load zero-extends: the register is the field, no shifts
+    // (which the verifier refuses on packet pointers).
+    let v: u64;
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u32 *)({p} + {off})",
+            v = lateout(reg) v,
+            p = in(reg) ctx.skb.skb,
+            off = const OFF,
+            options(readonly, nostack, preserves_flags),
+        );
+    }
+    v as usize
+}
+
+/// `__sk_buff` offsets (uapi/linux/bpf.h, stable ABI).
+const SKB_LEN: usize = 0;
+const SKB_DATA: usize = 76;
+const SKB_DATA_END: usize = 80;
+
 impl Packet for Tc<'_> {
     #[inline(always)]
     fn data(&self) -> usize {
-        self.0.data()
+        skb_field::<SKB_DATA>(self.0)
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        self.0.data_end()
+        skb_field::<SKB_DATA_END>(self.0)
     }
     #[inline(always)]
     fn frame_len(&self) -> usize {
-        self.0.len() as usize
+        skb_field::<SKB_LEN>(self.0)
     }
     #[inline(always)]
     fn resize(&self, new_len: u32) -> Result<(), ResizeError> {
-        if new_len != self.0.len() {
+        if new_len as usize != self.frame_len() {
             // Fails before changing the skb (allocation) or not at all.
             let r = unsafe { h::bpf_skb_change_tail(self.0.skb.skb, new_len, 0) };
             if r != 0 {
@@ -85,7 +111,7 @@ impl Packet for Tc<'_> {
         let r = unsafe { h::bpf_skb_pull_data(self.0.skb.skb, new_len) };
         if r == 0 {
             Ok(())
-        } else if new_len == self.0.len() {
+        } else if new_len as usize == self.frame_len() {
             Err(ResizeError::Untouched)
         } else {
             Err(ResizeError::Touched)

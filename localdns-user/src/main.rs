@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use localdns_common::{CacheKey, CacheValue, KEY_F_CD, KEY_F_DO, KEY_F_EDNS, VIEW_KUBE, VIEW_VNET};
+use localdns_common::{KEY_F_CD, KEY_F_DO, KEY_F_EDNS, VIEW_KUBE, VIEW_VNET};
 use localdns_user::addrs;
 use localdns_user::cache::{Capacity, mono_ns};
 use localdns_user::config::{self, Mode};
@@ -751,7 +751,12 @@ fn refresh_metrics(res: &Resolver, fp: Option<&Fastpath>, first: bool) {
         .inc_by(dropped.saturating_sub(m.log_dropped.get()));
     if let Some(fp) = fp {
         m.sync_kernel(&fp.slot_counts(), &fp.stats(), first);
-        m.kernel_entries.set(fp.kernel_entries() as i64);
+        let (small, big) = fp.kernel_entries();
+        for (class, n) in [("small", small), ("big", big)] {
+            m.kernel_entries
+                .get_or_create(&metrics::ClassLabels { class })
+                .set(n as i64);
+        }
     }
 }
 
@@ -803,18 +808,20 @@ fn cache_cmd(op: CacheOp, pin: &Path) -> Result<()> {
         .with_context(|| format!("no running instance's maps under {}", pin.display()))?;
     match op {
         CacheOp::Stats => {
-            let entries = cache.keys().filter(|k| k.is_ok()).count();
-            println!("kernel cache entries: {entries}");
+            let (small, big) = cache.counts();
+            println!(
+                "kernel cache entries: {} ({small} small, {big} big)",
+                small + big
+            );
             for (name, v) in fastpath::read_stats(&stats) {
                 println!("{name:>16}: {v}");
             }
         }
         CacheOp::Dump => {
             let now = mono_ns();
-            let items: Vec<(CacheKey, CacheValue)> = cache.iter().filter_map(|r| r.ok()).collect();
-            for (k, v) in items {
+            for (k, v) in cache.entries() {
                 let qn = v.qname();
-                let left = v.expire_ns.saturating_sub(now) / 1_000_000_000;
+                let left = v.head.expire_ns.saturating_sub(now) / 1_000_000_000;
                 let mut fl = Vec::new();
                 for (b, n) in [(KEY_F_EDNS, "edns"), (KEY_F_DO, "do"), (KEY_F_CD, "cd")] {
                     if k.flags & b != 0 {
@@ -831,19 +838,16 @@ fn cache_cmd(op: CacheOp, pin: &Path) -> Result<()> {
                     } else {
                         fl.join(",")
                     },
-                    v.ttl,
+                    v.head.ttl,
                     left,
-                    v.tail_len,
-                    v.ttl_count
+                    v.head.tail_len,
+                    v.head.ttl_count
                 );
             }
         }
         CacheOp::Flush => {
-            let keys: Vec<CacheKey> = cache.keys().filter_map(|k| k.ok()).collect();
-            for k in &keys {
-                let _ = cache.remove(k);
-            }
-            println!("removed {} kernel cache entries", keys.len());
+            let n = cache.clear();
+            println!("removed {n} kernel cache entries");
         }
     }
     Ok(())

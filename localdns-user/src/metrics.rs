@@ -145,6 +145,12 @@ pub struct KindLabels {
     pub r#type: &'static str,
 }
 
+/// `class`: the kernel cache map's size class, `small` or `big`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
@@ -274,7 +280,7 @@ pub struct Metrics {
     pub loops: Counter,
     pub looping: Family<ViewZoneLabels, Gauge>,
     pub kernel_packets: Family<ResultLabels, Counter>,
-    pub kernel_entries: Gauge,
+    pub kernel_entries: Family<ClassLabels, Gauge>,
     pub kernel_up: Gauge,
     pub log_dropped: Counter,
     pub tcp_refused: Counter,
@@ -326,7 +332,7 @@ impl Metrics {
             loops: Counter::default(),
             looping: Family::default(),
             kernel_packets: Family::default(),
-            kernel_entries: Gauge::default(),
+            kernel_entries: Family::default(),
             kernel_up: Gauge::default(),
             log_dropped: Counter::default(),
             tcp_refused: Counter::default(),
@@ -464,7 +470,7 @@ impl Metrics {
         );
         r.register(
             "localdns_kernel_cache_entries",
-            "Entries in the kernel cache map.",
+            "Entries in the kernel cache maps, by size class (small: LDNS_CACHE, big: LDNS_CACHE_BIG).",
             m.kernel_entries.clone(),
         );
         r.register(

@@ -7,16 +7,16 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::Ebpf;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use localdns_common::{
-    CacheKey, CacheValue, MAP_CACHE, MAP_STATS, STAT_EXPIRED, STAT_HIT, STAT_MISS, STAT_NAMES,
-    STAT_NOT_DNS, STAT_PASS_COLLISION, STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP,
-    STAT_PASS_QNAME,
+    MAP_STATS, STAT_EXPIRED, STAT_HIT, STAT_MISS, STAT_NAMES, STAT_NOT_DNS, STAT_PASS_COLLISION,
+    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME,
 };
 use localdns_tests::msg::replies;
 use localdns_tests::*;
 use localdns_user::cache::{Entry, Key, mono_ns};
+use localdns_user::fastpath::classes::CacheMaps;
 use localdns_user::fastpath::{self, Globals, encode};
 use localdns_user::wire::parse_query;
 
@@ -39,7 +39,7 @@ const TEST_SLOT: u16 = 37;
 
 struct Rig {
     ebpf: Ebpf,
-    cache: BpfHashMap<MapData, CacheKey, CacheValue>,
+    cache: CacheMaps,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -66,7 +66,7 @@ impl Rig {
         fastpath::load_tc(&mut ebpf).expect("TC program verifies");
         fastpath::load_classifier(&mut ebpf, fastpath::TC_ROOM_PROG)
             .expect("TC companion verifies");
-        let cache = BpfHashMap::try_from(ebpf.take_map(MAP_CACHE).unwrap()).unwrap();
+        let cache = CacheMaps::take(&mut ebpf, false).unwrap();
         let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).unwrap()).unwrap();
         Rig { ebpf, cache, stats }
     }
@@ -131,16 +131,13 @@ impl Rig {
         let e = Entry::from_upstream(&q, resp, 3600, 3600, mono_ns() - age_ns).unwrap();
         let key = Key::of(view_of(dst), &q);
         let mut v = encode::value(&e).unwrap();
-        v.stat = TEST_SLOT;
-        self.cache.insert(encode::key(&key, SEED), v, 0).unwrap();
+        v.head.stat = TEST_SLOT;
+        self.cache.insert(&encode::key(&key, SEED), &v).unwrap();
         e
     }
 
     fn clear(&mut self) {
-        let keys: Vec<_> = self.cache.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            self.cache.remove(&k).unwrap();
-        }
+        self.cache.clear();
     }
 }
 
@@ -801,13 +798,13 @@ fn logged_entries_emit_an_event_per_hit() {
     let e = Entry::from_upstream(&pq, &replies::a2(&q), 3600, 0, mono_ns()).unwrap();
     let mut v = encode::value(&e).unwrap();
     // Not logged: no event.
-    rig.cache.insert(encode::key(&key, SEED), v, 0).unwrap();
+    rig.cache.insert(&encode::key(&key, SEED), &v).unwrap();
     let frame = udp_to(KUBE, 53).build(&q);
     assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
     assert!(ring.next().is_none());
     // Logged: one event with the query as sent.
-    v.log = 1;
-    rig.cache.insert(encode::key(&key, SEED), v, 0).unwrap();
+    v.head.log = 1;
+    rig.cache.insert(&encode::key(&key, SEED), &v).unwrap();
     let (rc, out) = rig.run("xdp", &frame);
     assert_eq!(rc, XDP_TX);
     let item = ring.next().expect("an event");
@@ -851,17 +848,17 @@ fn prefetch_window_reports_an_entry_once() {
     let bkey = encode::key(&key, SEED);
     let frame = udp_to(KUBE, 53).build(&q);
     // Window far ahead: hits answer, nothing is counted or reported.
-    v.prefetch_amount = 3;
-    v.prefetch_ms = 3_000_000;
-    rig.cache.insert(bkey, v, 0).unwrap();
+    v.head.prefetch_amount = 3;
+    v.head.prefetch_ms = 3_000_000;
+    rig.cache.insert(&bkey, &v).unwrap();
     for _ in 0..4 {
         assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
     }
     assert!(ring.next().is_none());
-    assert_eq!(rig.cache.get(&bkey, 0).unwrap().hits, 0);
+    assert_eq!(rig.cache.get(&bkey).unwrap().head.hits, 0);
     // Window open: the third hit reports, the fourth and fifth do not.
-    v.prefetch_ms = 0;
-    rig.cache.insert(bkey, v, 0).unwrap();
+    v.head.prefetch_ms = 0;
+    rig.cache.insert(&bkey, &v).unwrap();
     let mut events = Vec::new();
     for i in 0..5 {
         assert_eq!(rig.run("xdp", &frame).0, XDP_TX, "hit {i}");
@@ -882,10 +879,10 @@ fn prefetch_window_reports_an_entry_once() {
     );
     assert_eq!(ev.kflags, pq.key_flags(), "CD is part of the key");
     assert_eq!(&ev.qname[..ev.qname_len as usize], &pq.qname[..]);
-    assert_eq!(rig.cache.get(&bkey, 0).unwrap().hits, 5);
+    assert_eq!(rig.cache.get(&bkey).unwrap().head.hits, 5);
     // Amount 0: never reported.
-    v.prefetch_amount = 0;
-    rig.cache.insert(bkey, v, 0).unwrap();
+    v.head.prefetch_amount = 0;
+    rig.cache.insert(&bkey, &v).unwrap();
     for _ in 0..3 {
         assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
     }
@@ -948,7 +945,7 @@ fn collision_on_hash_passes() {
     // collision would.
     let key = Key::of(localdns_common::VIEW_VNET, &parse_query(&q).unwrap());
     rig.cache
-        .insert(encode::key(&key, SEED), encode::value(&e).unwrap(), 0)
+        .insert(&encode::key(&key, SEED), &encode::value(&e).unwrap())
         .unwrap();
     let before = rig.stat(STAT_PASS_COLLISION);
     let frame = udp_to(VNET, 53).build(&q);
@@ -1146,7 +1143,7 @@ fn torn_reads_are_never_sent() {
             let e = Entry::from_upstream(&pq, r, 3600, 0, mono_ns()).unwrap();
             let key = Key::of(view_of(VNET.into()), &pq);
             let mut v = encode::value(&e).unwrap();
-            v.generation = generation;
+            v.head.generation = generation;
             (encode::key(&key, SEED), v)
         };
         let stop = AtomicBool::new(false);
@@ -1159,9 +1156,9 @@ fn torn_reads_are_never_sent() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) && n < 2_000_000 {
                     let (kx, vx) = value(&qx, &rx, gens.next());
-                    cache.insert(kx, vx, 0).unwrap();
+                    cache.insert(&kx, &vx).unwrap();
                     let (ky, vy) = value(&qy, &ry, gens.next());
-                    cache.insert(ky, vy, 0).unwrap();
+                    cache.insert(&ky, &vy).unwrap();
                     n += 2;
                 }
                 n

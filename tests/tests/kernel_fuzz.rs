@@ -11,14 +11,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use aya::Ebpf;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use localdns_common::{
-    CacheKey, CacheValue, MAP_CACHE, MAP_STATS, STAT_NAMES, VIEW_KUBE, VIEW_VNET,
-};
+use localdns_common::{MAP_STATS, STAT_NAMES, VIEW_KUBE, VIEW_VNET};
 use localdns_tests::msg::replies;
 use localdns_tests::*;
 use localdns_user::cache::{Entry, Key, mono_ns};
+use localdns_user::fastpath::classes::CacheMaps;
 use localdns_user::fastpath::{self, Globals, encode};
 use localdns_user::wire::{error_reply, parse_query};
 
@@ -355,7 +354,7 @@ fn daemon_reply(frame: &[u8], cache: &HashMap<Key, Entry>, now: u64) -> Option<V
 
 struct Rig {
     ebpf: Ebpf,
-    cache: BpfHashMap<MapData, CacheKey, CacheValue>,
+    cache: CacheMaps,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -374,7 +373,7 @@ impl Rig {
         let mut ebpf = fastpath::open(&g, 1024, None).expect("open object");
         fastpath::load_xdp(&mut ebpf).expect("XDP program verifies");
         fastpath::load_tc(&mut ebpf).expect("TC program verifies");
-        let cache = BpfHashMap::try_from(ebpf.take_map(MAP_CACHE).unwrap()).unwrap();
+        let cache = CacheMaps::take(&mut ebpf, false).unwrap();
         let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).unwrap()).unwrap();
         Rig { ebpf, cache, stats }
     }
@@ -432,7 +431,7 @@ fn a_million_frames_never_get_a_reply_the_daemon_would_not_send() {
         let e = Entry::from_upstream(&pq, &(s.resp)(&q), 3600, 3600, mono_ns()).unwrap();
         let key = Key::of(view_of(s.dst).unwrap(), &pq);
         rig.cache
-            .insert(encode::key(&key, SEED), encode::value(&e).unwrap(), 0)
+            .insert(&encode::key(&key, SEED), &encode::value(&e).unwrap())
             .unwrap();
         cache.insert(key, e);
     }

@@ -58,25 +58,25 @@ pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
         return Err(not("reply over 1232 bytes"));
     }
     let mut v = CacheValue::zeroed();
-    v.insert_ns = entry.insert_ns;
-    v.expire_ns = entry.expire_ns;
-    v.ttl = entry.ttl;
-    v.flags_be = u16::from_ne_bytes(entry.flags.to_be_bytes());
+    v.head.insert_ns = entry.insert_ns;
+    v.head.expire_ns = entry.expire_ns;
+    v.head.ttl = entry.ttl;
+    v.head.flags_be = u16::from_ne_bytes(entry.flags.to_be_bytes());
     for (i, c) in entry.counts.iter().enumerate() {
-        v.counts_be[i] = u16::from_ne_bytes(c.to_be_bytes());
+        v.head.counts_be[i] = u16::from_ne_bytes(c.to_be_bytes());
     }
-    v.tail_len = entry.tail.len() as u16;
-    v.ttl_count = entry.ttl_offsets.len() as u16;
+    v.head.tail_len = entry.tail.len() as u16;
+    v.head.ttl_count = entry.ttl_offsets.len() as u16;
     let tail_at = HEADER_LEN + qlen + 4;
     for (i, &o) in entry.ttl_offsets.iter().enumerate() {
         v.ttl_off[i] = o;
         if (tail_at + o as usize).is_multiple_of(2) {
-            v.ttl_even += 1;
+            v.head.ttl_even += 1;
         } else {
-            v.ttl_odd += 1;
+            v.head.ttl_odd += 1;
         }
     }
-    v.qname_len = qlen as u16;
+    v.head.qname_len = qlen as u16;
     v.data[..qlen].copy_from_slice(&entry.qname);
     let at = name_span(qlen);
     v.data[at..at + entry.tail.len()].copy_from_slice(&entry.tail);
@@ -91,7 +91,7 @@ pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
         let o = tail_at + o as usize;
         img[o..o + 4].fill(0);
     }
-    v.csum_partial = u32::from(csum_fold(ones_sum(&img)));
+    v.head.csum_partial = u32::from(csum_fold(ones_sum(&img)));
     Ok(v)
 }
 
@@ -100,9 +100,9 @@ pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
 /// could have produced with `seed` (then it is not adopted). The stale
 /// window is the caller's (it depends on the zone); it is set to expiry.
 pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
-    let qlen = v.qname_len as usize;
-    let tail_len = v.tail_len as usize;
-    let ttls = v.ttl_count as usize;
+    let qlen = v.head.qname_len as usize;
+    let tail_len = v.head.tail_len as usize;
+    let ttls = v.head.ttl_count as usize;
     if qlen == 0
         || qlen > MAX_QNAME
         || qlen != k.qname_len as usize
@@ -121,7 +121,7 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
     if ttl_offsets.iter().any(|&o| o as usize + 4 > tail_len) {
         return None;
     }
-    let flags = u16::from_be_bytes(v.flags_be.to_ne_bytes());
+    let flags = u16::from_be_bytes(v.head.flags_be.to_ne_bytes());
     let key = Key {
         view: k.view,
         flags: k.flags,
@@ -132,18 +132,21 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
     let entry = Entry {
         qname,
         flags,
-        counts: v.counts_be.map(|c| u16::from_be_bytes(c.to_ne_bytes())),
+        counts: v
+            .head
+            .counts_be
+            .map(|c| u16::from_be_bytes(c.to_ne_bytes())),
         tail,
         ttl_offsets,
-        ttl: v.ttl,
-        insert_ns: v.insert_ns,
-        expire_ns: v.expire_ns,
-        stale_until_ns: v.expire_ns,
+        ttl: v.head.ttl,
+        insert_ns: v.head.insert_ns,
+        expire_ns: v.head.expire_ns,
+        stale_until_ns: v.head.expire_ns,
         rcode: (flags & 0xf) as u8,
         kernel_put: Default::default(),
     };
     // Only what this daemon would have written itself.
-    (value(&entry).ok()?.csum_partial == v.csum_partial).then_some((key, entry))
+    (value(&entry).ok()?.head.csum_partial == v.head.csum_partial).then_some((key, entry))
 }
 
 /// One's-complement sum (unfolded) of `b` as native-loaded 16-bit words.

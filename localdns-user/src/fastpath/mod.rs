@@ -10,6 +10,7 @@
 //! `localdns-user teardown` removes it.
 
 pub mod attach;
+pub mod classes;
 pub mod encode;
 pub mod pins;
 
@@ -21,16 +22,17 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
-    CacheKey, CacheValue, GLOBAL_FAULT, GLOBAL_HASH_SEED, GLOBAL_LISTEN4, GLOBAL_LISTEN6,
-    GLOBAL_VIEW4, GLOBAL_VIEW6, LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_LOG, MAP_META, MAP_STATS,
-    MAX_LISTEN, MAX_STAT_SLOTS, META_MAGIC, Meta, STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED,
-    STAT_ZONE_BASE,
+    GLOBAL_FAULT, GLOBAL_HASH_SEED, GLOBAL_LISTEN4, GLOBAL_LISTEN6, GLOBAL_VIEW4, GLOBAL_VIEW6,
+    LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_CACHE_BIG, MAP_LOG, MAP_META, MAP_STATS, MAX_LISTEN,
+    MAX_STAT_SLOTS, META_MAGIC, Meta, STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED,
+    STAT_ZONE_BASE, big_entries,
 };
 use thiserror::Error;
 
 use crate::cache::{Entry, Key, mono_ns};
 use crate::ifaces::Iface;
 use attach::{Attacher, Change};
+use classes::CacheMaps;
 use encode::Generations;
 use pins::{PINNED_MAPS, PinDir};
 
@@ -152,7 +154,8 @@ pub fn open(g: &Globals, entries: u32, pins: Option<&PinDir>) -> Result<Ebpf, Fa
         .override_global(GLOBAL_VIEW6, &view6, true)
         .override_global(GLOBAL_HASH_SEED, &g.seed, true)
         .override_global(GLOBAL_FAULT, &g.fault, true)
-        .map_max_entries(MAP_CACHE, entries);
+        .map_max_entries(MAP_CACHE, entries)
+        .map_max_entries(MAP_CACHE_BIG, big_entries(entries));
     let paths: Vec<(&str, PathBuf)> = pins
         .map(|p| PINNED_MAPS.iter().map(|m| (*m, p.map(m))).collect())
         .unwrap_or_default();
@@ -238,7 +241,7 @@ pub struct Prefetch {
 /// A loaded fast path. Dropping it leaves everything in the kernel: the
 /// links keep the program on its interfaces and the pins keep the maps.
 pub struct Fastpath {
-    cache: Mutex<BpfHashMap<MapData, CacheKey, CacheValue>>,
+    cache: Mutex<CacheMaps>,
     stats: PerCpuArray<MapData, u64>,
     log_ring: Mutex<Option<RingBuf<MapData>>>,
     attacher: Mutex<Attacher>,
@@ -314,8 +317,7 @@ impl Fastpath {
             };
             meta.set(0, m, 0).map_err(map_err(MAP_META))?;
         }
-        let cache =
-            BpfHashMap::try_from(take(&mut ebpf, MAP_CACHE)?).map_err(map_err(MAP_CACHE))?;
+        let cache = CacheMaps::take(&mut ebpf, origin == Origin::Adopted)?;
         let stats =
             PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
         let log_ring = RingBuf::try_from(take(&mut ebpf, MAP_LOG)?).map_err(map_err(MAP_LOG))?;
@@ -354,10 +356,10 @@ impl Fastpath {
     /// The entries in the kernel map that this build can read back (all of
     /// them, after an adoption): the daemon rebuilds its cache from them.
     pub fn entries(&self) -> Vec<(Key, Entry)> {
-        let map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .filter_map(|r| r.ok())
-            .filter_map(|(k, v)| encode::decode(&k, &v, self.seed))
+        let maps = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        maps.entries()
+            .iter()
+            .filter_map(|(k, v)| encode::decode(k, v, self.seed))
             .collect()
     }
 
@@ -369,16 +371,16 @@ impl Fastpath {
         let mut map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match encode::value(entry) {
             Ok(mut v) => {
-                v.log = u8::from(log);
-                v.stat = stat;
+                v.head.log = u8::from(log);
+                v.head.stat = stat;
                 if let Some(p) = self.prefetch {
-                    v.prefetch_amount = p.amount;
+                    v.head.prefetch_amount = p.amount;
                     // ms into the TTL at which its last `percent` begins.
-                    let ms = u64::from(v.ttl) * 10 * u64::from(100 - p.percent.min(100));
-                    v.prefetch_ms = u32::try_from(ms).unwrap_or(u32::MAX);
+                    let ms = u64::from(v.head.ttl) * 10 * u64::from(100 - p.percent.min(100));
+                    v.head.prefetch_ms = u32::try_from(ms).unwrap_or(u32::MAX);
                 }
-                v.generation = self.generations.next();
-                if let Err(e) = map.insert(bkey, v, 0) {
+                v.head.generation = self.generations.next();
+                if let Err(e) = map.insert(&bkey, &v) {
                     tracing::warn!(error = %e, "writing the kernel cache failed");
                 }
             }
@@ -406,13 +408,12 @@ impl Fastpath {
         read_slots(&self.stats)
     }
 
-    /// Entries in the kernel map (walks its keys).
-    pub fn kernel_entries(&self) -> usize {
+    /// Entries in the kernel maps, (small, big) (walks their keys).
+    pub fn kernel_entries(&self) -> (usize, usize) {
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .count()
+            .counts()
     }
 
     /// Reads the query-log ring until the task is aborted, handing each
@@ -511,10 +512,7 @@ pub fn read_slots(stats: &PerCpuArray<MapData, u64>) -> Vec<u64> {
 }
 
 /// The cache and counter maps of a running instance.
-pub type PinnedMaps = (
-    BpfHashMap<MapData, CacheKey, CacheValue>,
-    PerCpuArray<MapData, u64>,
-);
+pub type PinnedMaps = (CacheMaps, PerCpuArray<MapData, u64>);
 
 /// Opens the pinned maps of a running instance (`cache stats|dump|flush`).
 pub fn open_pinned(pin_dir: &Path) -> Result<PinnedMaps, FastpathError> {
@@ -524,7 +522,9 @@ pub fn open_pinned(pin_dir: &Path) -> Result<PinnedMaps, FastpathError> {
             .and_then(aya::maps::Map::from_map_data)
             .map_err(map_err(name))
     };
-    let cache = BpfHashMap::try_from(open(MAP_CACHE)?).map_err(map_err(MAP_CACHE))?;
+    let small = BpfHashMap::try_from(open(MAP_CACHE)?).map_err(map_err(MAP_CACHE))?;
+    let big = BpfHashMap::try_from(open(MAP_CACHE_BIG)?).map_err(map_err(MAP_CACHE_BIG))?;
+    let cache = CacheMaps::new(small, big, true);
     let stats = PerCpuArray::try_from(open(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
     Ok((cache, stats))
 }

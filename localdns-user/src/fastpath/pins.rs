@@ -1,7 +1,8 @@
 //! The pin layout under `--pin-path` and the adoption decision.
 //!
 //! ```text
-//! <pin-path>/LDNS_CACHE LDNS_STATS LDNS_META   maps (kept across restarts)
+//! <pin-path>/LDNS_CACHE LDNS_CACHE_BIG LDNS_STATS LDNS_META
+//!                                              maps (kept across restarts)
 //! <pin-path>/prog_localdns_xdp, prog_localdns_tc, prog_localdns_tc_room
 //!                                              the programs the links run
 //! <pin-path>/links/<kind>_<ifindex>_<ifname>   the bpf_links of an interface
@@ -18,11 +19,12 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, Map, MapData};
 use localdns_common::{
-    CacheKey, CacheValue, LAYOUT_VERSION, MAP_CACHE, MAP_META, MAP_STATS, META_MAGIC, Meta,
+    CacheKey, CacheValue, LAYOUT_VERSION, MAP_CACHE, MAP_CACHE_BIG, MAP_META, MAP_STATS,
+    META_MAGIC, Meta, SmallValue, big_entries,
 };
 
 /// Maps shared with later instances.
-pub const PINNED_MAPS: [&str; 3] = [MAP_CACHE, MAP_STATS, MAP_META];
+pub const PINNED_MAPS: [&str; 4] = [MAP_CACHE, MAP_CACHE_BIG, MAP_STATS, MAP_META];
 pub const LINKS_DIR: &str = "links";
 
 /// How an interface's link runs the program.
@@ -167,26 +169,35 @@ impl PinDir {
                 meta.layout
             )));
         }
-        let info = MapData::from_pin(self.map(MAP_CACHE))
-            .and_then(|m| m.info())
-            .map_err(|e| Some(format!("cache map unreadable: {e}")))?;
-        let (ks, vs) = (size_of::<CacheKey>() as u32, size_of::<CacheValue>() as u32);
-        if info.key_size() != ks || info.value_size() != vs {
-            return Err(Some(format!(
-                "cache map key/value sizes {}/{} differ from {ks}/{vs}",
-                info.key_size(),
-                info.value_size()
-            )));
-        }
-        if info.max_entries() != entries {
-            return Err(Some(format!(
-                "cache map holds {} entries, {entries} requested",
-                info.max_entries()
-            )));
-        }
         for m in PINNED_MAPS {
             if !self.map(m).exists() {
                 return Err(Some(format!("{m} is missing")));
+            }
+        }
+        let ks = size_of::<CacheKey>() as u32;
+        for (m, vs, want) in [
+            (MAP_CACHE, size_of::<SmallValue>() as u32, entries),
+            (
+                MAP_CACHE_BIG,
+                size_of::<CacheValue>() as u32,
+                big_entries(entries),
+            ),
+        ] {
+            let info = MapData::from_pin(self.map(m))
+                .and_then(|d| d.info())
+                .map_err(|e| Some(format!("{m} unreadable: {e}")))?;
+            if info.key_size() != ks || info.value_size() != vs {
+                return Err(Some(format!(
+                    "{m} key/value sizes {}/{} differ from {ks}/{vs}",
+                    info.key_size(),
+                    info.value_size()
+                )));
+            }
+            if info.max_entries() != want {
+                return Err(Some(format!(
+                    "{m} holds {} entries, {want} requested",
+                    info.max_entries()
+                )));
             }
         }
         Ok(meta.seed)

@@ -469,17 +469,12 @@ pub(crate) fn prog_test_run_ns() -> Value {
         localdns_user::fastpath::load_xdp(&mut ebpf).unwrap();
         let e = Entry::from_upstream(&pq, &resp, 3600, 0, mono_ns()).unwrap();
         let key = Key::of(localdns_common::VIEW_VNET, &pq);
-        let mut cache: aya::maps::HashMap<
-            _,
-            localdns_common::CacheKey,
-            localdns_common::CacheValue,
-        > = aya::maps::HashMap::try_from(ebpf.map_mut(localdns_common::MAP_CACHE).unwrap())
-            .unwrap();
+        let mut cache =
+            localdns_user::fastpath::classes::CacheMaps::take(&mut ebpf, false).unwrap();
         cache
             .insert(
-                localdns_user::fastpath::encode::key(&key, seed),
-                localdns_user::fastpath::encode::value(&e).unwrap(),
-                0,
+                &localdns_user::fastpath::encode::key(&key, seed),
+                &localdns_user::fastpath::encode::value(&e).unwrap(),
             )
             .unwrap();
         ebpf

@@ -1,0 +1,127 @@
+//! The kernel cache as two maps, one per size class: `LDNS_CACHE` holds
+//! the entries that fit 256 bytes ([`SmallValue`]), `LDNS_CACHE_BIG` the
+//! rest ([`CacheValue`]). An entry lives in exactly one of them: writing it
+//! to one removes it from the other, so the program (which looks in the
+//! small map first) never serves an older copy from the other class.
+//! Callers see one map of [`CacheValue`]s.
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use localdns_common::{CacheKey, CacheValue, MAP_CACHE, MAP_CACHE_BIG, SmallValue};
+
+use super::{FastpathError, map_err};
+
+/// Which map a value went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Small,
+    Big,
+}
+
+/// The cache maps of one fast path.
+pub struct CacheMaps {
+    small: BpfHashMap<MapData, CacheKey, SmallValue>,
+    big: BpfHashMap<MapData, CacheKey, CacheValue>,
+    /// The big map may hold entries: false only while this instance has
+    /// written none there into maps it created, so the common small write
+    /// costs one syscall, not two.
+    big_used: bool,
+}
+
+impl CacheMaps {
+    /// Takes both cache maps out of a loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf, adopted: bool) -> Result<Self, FastpathError> {
+        let mut take = |name: &'static str| {
+            let m = ebpf.take_map(name).ok_or(FastpathError::Missing(name))?;
+            Ok::<_, FastpathError>(m)
+        };
+        let small = take(MAP_CACHE)?;
+        let big = take(MAP_CACHE_BIG)?;
+        Ok(CacheMaps::new(
+            BpfHashMap::try_from(small).map_err(map_err(MAP_CACHE))?,
+            BpfHashMap::try_from(big).map_err(map_err(MAP_CACHE_BIG))?,
+            adopted,
+        ))
+    }
+
+    /// `adopted`: the maps come from an earlier instance (the big one may
+    /// hold entries).
+    pub fn new(
+        small: BpfHashMap<MapData, CacheKey, SmallValue>,
+        big: BpfHashMap<MapData, CacheKey, CacheValue>,
+        adopted: bool,
+    ) -> Self {
+        CacheMaps {
+            small,
+            big,
+            big_used: adopted,
+        }
+    }
+
+    /// Writes the entry into its class's map and removes it from the
+    /// other.
+    pub fn insert(&mut self, key: &CacheKey, v: &CacheValue) -> Result<Class, FastpathError> {
+        match v.compact() {
+            Some(s) => {
+                self.small.insert(key, s, 0).map_err(map_err(MAP_CACHE))?;
+                if self.big_used {
+                    let _ = self.big.remove(key);
+                }
+                Ok(Class::Small)
+            }
+            None => {
+                self.big_used = true;
+                self.big.insert(key, v, 0).map_err(map_err(MAP_CACHE_BIG))?;
+                let _ = self.small.remove(key);
+                Ok(Class::Big)
+            }
+        }
+    }
+
+    /// The entry under `key`, from whichever map holds it.
+    pub fn get(&self, key: &CacheKey) -> Option<CacheValue> {
+        if let Ok(s) = self.small.get(key, 0) {
+            return Some(s.expand());
+        }
+        self.big.get(key, 0).ok()
+    }
+
+    /// Removes the entry from both maps; true if one held it.
+    pub fn remove(&mut self, key: &CacheKey) -> bool {
+        let small = self.small.remove(key).is_ok();
+        let big = self.big_used && self.big.remove(key).is_ok();
+        small || big
+    }
+
+    /// Every readable entry of both maps, in the big class's layout.
+    pub fn entries(&self) -> Vec<(CacheKey, CacheValue)> {
+        let mut out: Vec<(CacheKey, CacheValue)> = self
+            .small
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, s)| (k, s.expand()))
+            .collect();
+        out.extend(self.big.iter().filter_map(|r| r.ok()));
+        out
+    }
+
+    /// Entries in (small, big) map (walks their keys).
+    pub fn counts(&self) -> (usize, usize) {
+        let n = |it: &mut dyn Iterator<Item = Result<CacheKey, MapError>>| {
+            it.filter(|k| k.is_ok()).count()
+        };
+        (n(&mut self.small.keys()), n(&mut self.big.keys()))
+    }
+
+    /// Removes every entry; returns how many there were.
+    pub fn clear(&mut self) -> usize {
+        let small: Vec<CacheKey> = self.small.keys().filter_map(|k| k.ok()).collect();
+        let big: Vec<CacheKey> = self.big.keys().filter_map(|k| k.ok()).collect();
+        for k in &small {
+            let _ = self.small.remove(k);
+        }
+        for k in &big {
+            let _ = self.big.remove(k);
+        }
+        small.len() + big.len()
+    }
+}
