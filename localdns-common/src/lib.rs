@@ -685,6 +685,56 @@ mod tests {
         assert_eq!(qname_hash(7, n), qname_hash(7, n));
     }
 
+    fn entry(qlen: usize, tail: usize, ttls: usize) -> CacheValue {
+        let mut v = CacheValue::zeroed();
+        v.head.generation = 7;
+        v.head.qname_len = qlen as u16;
+        v.head.tail_len = tail as u16;
+        v.head.ttl_count = ttls as u16;
+        for i in 0..ttls {
+            v.ttl_off[i] = (i * 11) as u16;
+        }
+        for i in 0..qlen {
+            v.data[i] = b'a' + (i % 26) as u8;
+        }
+        let at = name_span(qlen);
+        for i in 0..tail {
+            v.data[at + i] = i as u8 ^ 0x5a;
+        }
+        v
+    }
+
+    #[test]
+    fn small_class_round_trips_what_fits() {
+        for (qlen, tail, ttls) in [(1, 8, 0), (17, 27, 1), (80, 88, 8), (73, 88, 8)] {
+            let v = entry(qlen, tail, ttls);
+            let s = v.compact().expect("fits the small class");
+            let back = s.expand();
+            assert_eq!(back.head, v.head);
+            assert_eq!(back.ttl_off, v.ttl_off);
+            assert_eq!(back.data, v.data, "{qlen}/{tail}/{ttls}");
+            assert_eq!(back.qname(), v.qname());
+            assert_eq!(back.tail(), v.tail());
+        }
+    }
+
+    #[test]
+    fn big_entries_stay_big() {
+        // Name span 88, tail 89, 9 TTL fields: each alone is one too many.
+        for (qlen, tail, ttls) in [(81, 8, 0), (1, 89, 1), (1, 88, 9), (255, 1216, 28)] {
+            assert!(
+                entry(qlen, tail, ttls).compact().is_none(),
+                "{qlen}/{tail}/{ttls}"
+            );
+        }
+    }
+
+    #[test]
+    fn big_class_capacity() {
+        assert_eq!(big_entries(CACHE_MAP_ENTRIES), 4096);
+        assert_eq!(big_entries(16), 64);
+    }
+
     #[test]
     fn fold_handles_carries() {
         assert_eq!(csum_fold(0xffff), 0xffff);

@@ -355,7 +355,25 @@ fn cases() -> Vec<Case> {
     );
     let mut hop = udp_to(VNET6, 53);
     hop.hop_by_hop = true;
+    // 81 bytes on the wire: one past the small class's names.
+    let long_name = format!("{}.{}.example.test", "l".repeat(40), "m".repeat(25));
+    let q_long = dns_query(0x6a6a, &long_name, 1, 0x0100, Some(&edns));
+    let q_long80 = dns_query(0x6b6b, &long_name[1..], 1, 0x0100, Some(&edns));
     vec![
+        Case {
+            name: "81-byte name: big class",
+            seed: seed(VNET.into(), &q_long, replies::a2, NS / 2),
+            frame: f(VNET.into(), &q_long),
+            dns: q_long.clone(),
+            expect: Expect::Hit,
+        },
+        Case {
+            name: "80-byte name: small class",
+            seed: seed(VNET.into(), &q_long80, replies::a2, NS / 2),
+            frame: f(VNET.into(), &q_long80),
+            dns: q_long80.clone(),
+            expect: Expect::Hit,
+        },
         Case {
             name: "IPv6 hit, EDNS with cookie",
             seed: seed(VNET6.into(), &q_www, replies::a2, NS / 2),
@@ -710,12 +728,21 @@ fn cases() -> Vec<Case> {
 fn run_table(prog: &str, hit_rc: u32, pass_rc: u32) {
     let mut rig = Rig::new();
     let mut failures = Vec::new();
+    // Hits answered from each size class's map (small, big).
+    let mut hits_by_class = (0, 0);
     for c in cases() {
         rig.clear();
         let entry = c
             .seed
             .as_ref()
             .map(|(dst, q, r, age)| rig.seed(*dst, q, &r(q), *age));
+        if matches!(c.expect, Expect::Hit | Expect::Truncated) {
+            match rig.cache.counts() {
+                (1, 0) => hits_by_class.0 += 1,
+                (0, 1) => hits_by_class.1 += 1,
+                n => failures.push(format!("{}: entries by class {n:?}", c.name)),
+            }
+        }
         let before = rig.stats_all();
         let slots_before = fastpath::read_slots(&rig.stats);
         let (rc, out) = rig.run(prog, &c.frame);
@@ -764,6 +791,11 @@ fn run_table(prog: &str, hit_rc: u32, pass_rc: u32) {
             }
         }
     }
+    assert!(
+        hits_by_class.0 >= 10 && hits_by_class.1 >= 5,
+        "both size classes answer: {hits_by_class:?}"
+    );
+    eprintln!("hits by class (small, big): {hits_by_class:?}");
     assert!(
         failures.is_empty(),
         "{} case(s) failed:\n{}",
@@ -887,6 +919,38 @@ fn prefetch_window_reports_an_entry_once() {
         assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
     }
     assert!(ring.next().is_none());
+}
+
+/// An entry whose answer moves between size classes (the record set grew
+/// past the small class, then shrank) is answered from its newest copy
+/// only: writing it to one map removes it from the other.
+#[test]
+fn an_entry_moving_between_size_classes_is_answered_from_its_newest_copy() {
+    let mut rig = Rig::new();
+    let q = dns_query(0x5151, "moving.example.test", 1, 0x0100, None);
+    let frame = udp_to(VNET, 53).build(&q);
+    let small = |q: &[u8]| dns_response(q, 0, &[a_rr(q, 300, [10, 1, 0, 1])], &[]);
+    // Twelve A records: 192 bytes after the question, past the small class.
+    let big = |q: &[u8]| {
+        let rrs: Vec<_> = (1..=12).map(|i| a_rr(q, 300, [10, 2, 0, i])).collect();
+        dns_response(q, 0, &rrs, &[])
+    };
+    for (step, resp, classes) in [
+        ("small", small(&q), (1, 0)),
+        ("grown to big", big(&q), (0, 1)),
+        ("shrunk to small", small(&q), (1, 0)),
+        ("big again", big(&q), (0, 1)),
+    ] {
+        let entry = rig.seed(VNET.into(), &q, &resp, NS / 2);
+        assert_eq!(rig.cache.counts(), classes, "{step}: entries by class");
+        let (rc, out) = rig.run("xdp", &frame);
+        assert_eq!(rc, XDP_TX, "{step}");
+        assert_eq!(
+            out,
+            expected_reply(&frame, &q, &entry, mono_ns()),
+            "{step}: the newest answer"
+        );
+    }
 }
 
 /// The benchmark's null responder: QR set, addresses and ports swapped,

@@ -5,6 +5,8 @@
 //! small map first) never serves an older copy from the other class.
 //! Callers see one map of [`CacheValue`]s.
 
+use std::collections::HashSet;
+
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use localdns_common::{CacheKey, CacheValue, MAP_CACHE, MAP_CACHE_BIG, SmallValue};
 
@@ -21,10 +23,12 @@ pub enum Class {
 pub struct CacheMaps {
     small: BpfHashMap<MapData, CacheKey, SmallValue>,
     big: BpfHashMap<MapData, CacheKey, CacheValue>,
-    /// The big map may hold entries: false only while this instance has
-    /// written none there into maps it created, so the common small write
-    /// costs one syscall, not two.
-    big_used: bool,
+    /// Keys that may be in the big map: what this instance wrote there
+    /// (plus, after an adoption, what it held), less what it removed. A
+    /// superset (the kernel's LRU evicts without telling), so the common
+    /// small write deletes from the big map only when the key may be
+    /// there: one syscall, not two.
+    big_keys: HashSet<CacheKey>,
 }
 
 impl CacheMaps {
@@ -50,10 +54,15 @@ impl CacheMaps {
         big: BpfHashMap<MapData, CacheKey, CacheValue>,
         adopted: bool,
     ) -> Self {
+        let big_keys = if adopted {
+            big.keys().filter_map(|k| k.ok()).collect()
+        } else {
+            HashSet::new()
+        };
         CacheMaps {
             small,
             big,
-            big_used: adopted,
+            big_keys,
         }
     }
 
@@ -63,13 +72,13 @@ impl CacheMaps {
         match v.compact() {
             Some(s) => {
                 self.small.insert(key, s, 0).map_err(map_err(MAP_CACHE))?;
-                if self.big_used {
+                if self.big_keys.remove(key) {
                     let _ = self.big.remove(key);
                 }
                 Ok(Class::Small)
             }
             None => {
-                self.big_used = true;
+                self.big_keys.insert(*key);
                 self.big.insert(key, v, 0).map_err(map_err(MAP_CACHE_BIG))?;
                 let _ = self.small.remove(key);
                 Ok(Class::Big)
@@ -88,7 +97,7 @@ impl CacheMaps {
     /// Removes the entry from both maps; true if one held it.
     pub fn remove(&mut self, key: &CacheKey) -> bool {
         let small = self.small.remove(key).is_ok();
-        let big = self.big_used && self.big.remove(key).is_ok();
+        let big = self.big_keys.remove(key) && self.big.remove(key).is_ok();
         small || big
     }
 
@@ -122,6 +131,7 @@ impl CacheMaps {
         for k in &big {
             let _ = self.big.remove(k);
         }
+        self.big_keys.clear();
         small.len() + big.len()
     }
 }

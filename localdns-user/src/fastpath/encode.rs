@@ -217,8 +217,12 @@ mod tests {
                 let o = q.question_end + o as usize;
                 z[o..o + 4].fill(0);
             }
-            assert_eq!(u32::from(csum_fold(ones_sum(&z))), v.csum_partial, "{name}");
-            assert_eq!(v.ttl_even + v.ttl_odd, 2);
+            assert_eq!(
+                u32::from(csum_fold(ones_sum(&z))),
+                v.head.csum_partial,
+                "{name}"
+            );
+            assert_eq!(v.head.ttl_even + v.head.ttl_odd, 2);
         }
     }
 
@@ -240,7 +244,7 @@ mod tests {
         assert!(decode(&key(&k, 42), &v, 43).is_none());
         // A corrupted tail no longer matches its checksum.
         let mut bad = v;
-        bad.data[name_span(v.qname_len as usize) + 20] ^= 0xff;
+        bad.data[name_span(v.head.qname_len as usize) + 20] ^= 0xff;
         assert!(decode(&key(&k, 42), &bad, 42).is_none());
     }
 
