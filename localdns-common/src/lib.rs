@@ -375,7 +375,7 @@ impl Slot for SmallValue {
 }
 const _: () = assert!(CacheValue::SPAN_MAX + CacheValue::TAIL_MAX + 8 <= DATA_LEN);
 const _: () = assert!(SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8 <= SMALL_DATA_LEN);
-const _: () = assert!(SMALL_SPAN_MAX % 8 == 0 && SMALL_TAIL_MAX % 8 == 0);
+const _: () = assert!(SMALL_SPAN_MAX.is_multiple_of(8) && SMALL_TAIL_MAX.is_multiple_of(8));
 
 impl CacheValue {
     pub const fn zeroed() -> Self {

@@ -165,7 +165,7 @@ fn hit<P: Packet, const V6: bool, V: Slot>(
     }
     let v = unsafe { &*vp };
     let now = unsafe { h::bpf_ktime_get_coarse_ns() };
-    let fresh = match answer::check(&q, v, now, scratch) {
+    let fresh = match answer::check(q, v, now, scratch) {
         Ok(f) => f,
         Err(stat) => return Verdict::Pass(stat),
     };
@@ -173,27 +173,27 @@ fn hit<P: Packet, const V6: bool, V: Slot>(
         return Verdict::Pass(STAT_MISS);
     }
     if fresh.truncate {
-        let verdict = answer::truncated::<P, V6, V>(p, &q, v, &fresh);
+        let verdict = answer::truncated::<P, V6, V>(p, q, v, &fresh);
         count_answer::<V6>(&verdict, v.head());
         return verdict;
     }
-    let stamp = match answer::checksum::<P, V6, V>(p, &q, v, &fresh) {
+    let stamp = match answer::checksum::<P, V6, V>(p, q, v, &fresh) {
         Ok(s) => s,
         Err(stat) => return Verdict::Pass(stat),
     };
     if fault == FAULT_STOP_SUMMED {
         return Verdict::Pass(STAT_MISS);
     }
-    let verdict = answer::rewrite::<P, V6, V>(p, &q, v, &fresh, &stamp, scratch, fault);
+    let verdict = answer::rewrite::<P, V6, V>(p, q, v, &fresh, &stamp, scratch, fault);
     count_answer::<V6>(&verdict, v.head());
     if matches!(verdict, Verdict::Reply { .. }) {
         let rflags = u16::from_be(stamp.rflags);
         if v.head().log != 0 {
-            log_hit::<P, V6>(p, &q, now, fresh.dns_len, rflags, EVENT_QUERY);
+            log_hit::<P, V6>(p, q, now, fresh.dns_len, rflags, EVENT_QUERY);
         }
         // Every class has its head at offset 0.
         if prefetch_due(vp.cast::<EntryHead>(), now) {
-            log_hit::<P, V6>(p, &q, now, fresh.dns_len, rflags, EVENT_PREFETCH);
+            log_hit::<P, V6>(p, q, now, fresh.dns_len, rflags, EVENT_PREFETCH);
         }
     }
     verdict

@@ -35,6 +35,8 @@ pub(crate) struct Opts {
     pub(crate) secs: u32,
     pub(crate) runs: usize,
     pub(crate) fixed_qps: u32,
+    /// Offered rate of the warm-set sweep (`--warmset-rate=N`).
+    pub(crate) warmset_rate: u32,
     pub(crate) out: PathBuf,
     pub(crate) repo: PathBuf,
 }
@@ -61,6 +63,10 @@ pub(crate) fn main() {
         secs: if quick { 2 } else { 5 },
         runs: if quick { 1 } else { 3 },
         fixed_qps: 20000,
+        warmset_rate: args
+            .iter()
+            .find_map(|a| a.strip_prefix("--warmset-rate=")?.parse().ok())
+            .unwrap_or(warmset::RATE),
         out: out.clone(),
         repo: repo.clone(),
     };
@@ -126,7 +132,7 @@ pub(crate) fn main() {
     let mut meta = meta;
     meta["prog_test_run_ns"] = test_run;
     meta["warmset"] = json!(sweep);
-    meta["warmset_rate"] = json!(warmset::RATE);
+    meta["warmset_rate"] = json!(o.warmset_rate);
     meta["share"] = share;
     let doc = json!({ "meta": meta, "results": results });
     std::fs::write(

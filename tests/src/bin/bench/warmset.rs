@@ -17,8 +17,9 @@ use crate::workloads::{args, dnsperf_once, generate, kxdpgun_replies};
 
 const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
 const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
-/// Offered rate: well below every ceiling, so the cost is per packet, not
-/// a queue's.
+/// Default offered rate: well below every ceiling, so the cost is per
+/// packet, not a queue's. The cost depends on it (how long since the entry
+/// was last touched): `--warmset-rate=N` measures another.
 pub(crate) const RATE: u32 = 100_000;
 
 pub(crate) fn sizes(o: &Opts) -> &'static [usize] {
@@ -63,7 +64,7 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
             "-t",
             &o.secs.to_string(),
             "-Q",
-            &RATE.to_string(),
+            &o.warmset_rate.to_string(),
             "-I",
             "eth0",
             "-i",
