@@ -145,8 +145,9 @@ pub const FAULT_STOP_CHECKED: u32 = 18;
 /// Profiling: stop after the reply's checksum and flags were computed.
 pub const FAULT_STOP_SUMMED: u32 = 19;
 
-/// Default capacity of [`MAP_CACHE`] (entries): 320 bytes each in the
-/// kernel, plus a quarter as many 1,664-byte [`MAP_CACHE_BIG`] slots.
+/// Default capacity of [`MAP_CACHE`] (entries): 336 bytes each in the
+/// kernel (memlock), plus a quarter as many 1,680-byte [`MAP_CACHE_BIG`]
+/// slots: 11.8 MiB.
 pub const CACHE_MAP_ENTRIES: u32 = 16384;
 
 /// View index of 169.254.10.10 (`vnetDNSOverrides`).
