@@ -968,15 +968,9 @@ fn null_responder_turns_queries_around() {
     let q = dns_query(0x4242, "www.example.test", 1, 0x0100, None);
     let frame = udp_to(VNET, 53).build(&q);
     let mut out = vec![0u8; 512];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap();
-    out.truncate(r.data_size_out as usize);
-    assert_eq!(r.return_value, XDP_TX);
+    let (rc, len) = test_run_xdp(p, &frame, &mut out);
+    out.truncate(len);
+    assert_eq!(rc, XDP_TX);
     let mut reply_dns = q.clone();
     reply_dns[2] |= 0x80;
     let want = FrameSpec::udp(VNET, CLIENT, 53, 40000).build(&reply_dns);
@@ -989,14 +983,7 @@ fn null_responder_turns_queries_around() {
     // Not a query to us: passed.
     let other = udp_to(CLIENT, 53).build(&q);
     let mut out = vec![0u8; 512];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(&other),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(r.return_value, XDP_PASS);
+    assert_eq!(test_run_xdp(p, &other, &mut out).0, XDP_PASS);
 }
 
 #[test]
@@ -1254,19 +1241,13 @@ fn torn_reads_are_never_sent() {
                 let t0 = std::time::Instant::now();
                 let mut out = vec![0u8; 1024];
                 while t0.elapsed() < std::time::Duration::from_secs(2) {
-                    let r = p
-                        .test_run(TestRunOptions {
-                            data_in: Some(&frame),
-                            data_out: Some(&mut out),
-                            ..Default::default()
-                        })
-                        .unwrap();
-                    if r.return_value != XDP_TX {
+                    let (rc, len) = test_run_xdp(p, &frame, &mut out);
+                    if rc != XDP_TX {
                         passed += 1;
                         continue;
                     }
                     tx += 1;
-                    let dns = &out[42..r.data_size_out as usize];
+                    let dns = &out[42..len];
                     let good = Message::from_vec(dns).is_ok_and(|m| {
                     m.queries.len() == 1
                         && m.queries[0].name().to_ascii() == x_fqdn
@@ -1293,6 +1274,18 @@ fn torn_reads_are_never_sent() {
         }
     }
     println!("torn-read stress (2 s each): {}", report.join("; "));
+}
+
+/// One `BPF_PROG_TEST_RUN` of an XDP program: (return value, output length).
+fn test_run_xdp(p: &Xdp, frame: &[u8], out: &mut [u8]) -> (u32, usize) {
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            ..Default::default()
+        })
+        .unwrap();
+    (r.return_value, r.data_size_out as usize)
 }
 
 fn pin_to_cpu(cpu: usize) {
