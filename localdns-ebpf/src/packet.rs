@@ -3,6 +3,7 @@
 //! from 5.15, which lack `bpf_xdp_load_bytes`/`bpf_xdp_store_bytes` (5.18).
 
 use aya_ebpf::{
+    bindings::__sk_buff,
     helpers::generated as h,
     programs::{TcContext, XdpContext},
 };
@@ -80,10 +81,9 @@ fn skb_field<const OFF: usize>(ctx: &TcContext) -> usize {
     v as usize
 }
 
-/// `__sk_buff` offsets (uapi/linux/bpf.h, stable ABI).
-const SKB_LEN: usize = 0;
-const SKB_DATA: usize = 76;
-const SKB_DATA_END: usize = 80;
+const SKB_LEN: usize = core::mem::offset_of!(__sk_buff, len);
+const SKB_DATA: usize = core::mem::offset_of!(__sk_buff, data);
+const SKB_DATA_END: usize = core::mem::offset_of!(__sk_buff, data_end);
 
 impl Packet for Tc<'_> {
     #[inline(always)]
