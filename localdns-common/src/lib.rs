@@ -339,41 +339,40 @@ pub trait Slot {
     fn data_ptr(&self) -> *const u8;
 }
 
-impl Slot for CacheValue {
-    const TTLS: usize = MAX_TTLS;
-    const SPAN_MAX: usize = MAX_QNAME + 1;
-    const TAIL_MAX: usize = MAX_TAIL;
-    #[inline(always)]
-    fn head(&self) -> &EntryHead {
-        &self.head
-    }
-    #[inline(always)]
-    fn ttl_off_ptr(&self) -> *const u16 {
-        self.ttl_off.as_ptr()
-    }
-    #[inline(always)]
-    fn data_ptr(&self) -> *const u8 {
-        self.data.as_ptr()
-    }
+/// Both classes have the same three fields; only their sizes differ.
+macro_rules! impl_slot {
+    ($t:ty, ttls = $ttls:expr, span = $span:expr, tail = $tail:expr) => {
+        impl Slot for $t {
+            const TTLS: usize = $ttls;
+            const SPAN_MAX: usize = $span;
+            const TAIL_MAX: usize = $tail;
+            #[inline(always)]
+            fn head(&self) -> &EntryHead {
+                &self.head
+            }
+            #[inline(always)]
+            fn ttl_off_ptr(&self) -> *const u16 {
+                self.ttl_off.as_ptr()
+            }
+            #[inline(always)]
+            fn data_ptr(&self) -> *const u8 {
+                self.data.as_ptr()
+            }
+        }
+    };
 }
-
-impl Slot for SmallValue {
-    const TTLS: usize = SMALL_TTLS;
-    const SPAN_MAX: usize = SMALL_SPAN_MAX;
-    const TAIL_MAX: usize = SMALL_TAIL_MAX;
-    #[inline(always)]
-    fn head(&self) -> &EntryHead {
-        &self.head
-    }
-    #[inline(always)]
-    fn ttl_off_ptr(&self) -> *const u16 {
-        self.ttl_off.as_ptr()
-    }
-    #[inline(always)]
-    fn data_ptr(&self) -> *const u8 {
-        self.data.as_ptr()
-    }
-}
+impl_slot!(
+    CacheValue,
+    ttls = MAX_TTLS,
+    span = MAX_QNAME + 1,
+    tail = MAX_TAIL
+);
+impl_slot!(
+    SmallValue,
+    ttls = SMALL_TTLS,
+    span = SMALL_SPAN_MAX,
+    tail = SMALL_TAIL_MAX
+);
 const _: () = assert!(CacheValue::SPAN_MAX + CacheValue::TAIL_MAX + 8 <= DATA_LEN);
 const _: () = assert!(SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8 <= SMALL_DATA_LEN);
 const _: () = assert!(SMALL_SPAN_MAX.is_multiple_of(8) && SMALL_TAIL_MAX.is_multiple_of(8));

@@ -7,17 +7,10 @@
 
 use std::collections::HashSet;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use localdns_common::{CacheKey, CacheValue, MAP_CACHE, MAP_CACHE_BIG, SmallValue};
 
 use super::{FastpathError, map_err};
-
-/// Which map a value went to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Class {
-    Small,
-    Big,
-}
 
 /// The cache maps of one fast path.
 pub struct CacheMaps {
@@ -34,56 +27,51 @@ pub struct CacheMaps {
 impl CacheMaps {
     /// Takes both cache maps out of a loaded object.
     pub fn take(ebpf: &mut aya::Ebpf, adopted: bool) -> Result<Self, FastpathError> {
-        let mut take = |name: &'static str| {
-            let m = ebpf.take_map(name).ok_or(FastpathError::Missing(name))?;
-            Ok::<_, FastpathError>(m)
-        };
-        let small = take(MAP_CACHE)?;
-        let big = take(MAP_CACHE_BIG)?;
-        Ok(CacheMaps::new(
-            BpfHashMap::try_from(small).map_err(map_err(MAP_CACHE))?,
-            BpfHashMap::try_from(big).map_err(map_err(MAP_CACHE_BIG))?,
+        CacheMaps::from_maps(
+            |name| ebpf.take_map(name).ok_or(FastpathError::Missing(name)),
             adopted,
-        ))
+        )
     }
 
+    /// Builds the pair from `map(name)` for each of the two map names.
     /// `adopted`: the maps come from an earlier instance (the big one may
     /// hold entries).
-    pub fn new(
-        small: BpfHashMap<MapData, CacheKey, SmallValue>,
-        big: BpfHashMap<MapData, CacheKey, CacheValue>,
+    pub fn from_maps(
+        mut map: impl FnMut(&'static str) -> Result<Map, FastpathError>,
         adopted: bool,
-    ) -> Self {
+    ) -> Result<Self, FastpathError> {
+        let small = BpfHashMap::try_from(map(MAP_CACHE)?).map_err(map_err(MAP_CACHE))?;
+        let big: BpfHashMap<MapData, CacheKey, CacheValue> =
+            BpfHashMap::try_from(map(MAP_CACHE_BIG)?).map_err(map_err(MAP_CACHE_BIG))?;
         let big_keys = if adopted {
             big.keys().filter_map(|k| k.ok()).collect()
         } else {
             HashSet::new()
         };
-        CacheMaps {
+        Ok(CacheMaps {
             small,
             big,
             big_keys,
-        }
+        })
     }
 
     /// Writes the entry into its class's map and removes it from the
     /// other.
-    pub fn insert(&mut self, key: &CacheKey, v: &CacheValue) -> Result<Class, FastpathError> {
+    pub fn insert(&mut self, key: &CacheKey, v: &CacheValue) -> Result<(), FastpathError> {
         match v.compact() {
             Some(s) => {
                 self.small.insert(key, s, 0).map_err(map_err(MAP_CACHE))?;
                 if self.big_keys.remove(key) {
                     let _ = self.big.remove(key);
                 }
-                Ok(Class::Small)
             }
             None => {
                 self.big_keys.insert(*key);
                 self.big.insert(key, v, 0).map_err(map_err(MAP_CACHE_BIG))?;
                 let _ = self.small.remove(key);
-                Ok(Class::Big)
             }
         }
+        Ok(())
     }
 
     /// The entry under `key`, from whichever map holds it.
@@ -115,10 +103,10 @@ impl CacheMaps {
 
     /// Entries in (small, big) map (walks their keys).
     pub fn counts(&self) -> (usize, usize) {
-        let n = |it: &mut dyn Iterator<Item = Result<CacheKey, MapError>>| {
-            it.filter(|k| k.is_ok()).count()
-        };
-        (n(&mut self.small.keys()), n(&mut self.big.keys()))
+        (
+            self.small.keys().filter(Result::is_ok).count(),
+            self.big.keys().filter(Result::is_ok).count(),
+        )
     }
 
     /// Removes every entry; returns how many there were.

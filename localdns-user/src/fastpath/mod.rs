@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
@@ -522,9 +522,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<PinnedMaps, FastpathError> {
             .and_then(aya::maps::Map::from_map_data)
             .map_err(map_err(name))
     };
-    let small = BpfHashMap::try_from(open(MAP_CACHE)?).map_err(map_err(MAP_CACHE))?;
-    let big = BpfHashMap::try_from(open(MAP_CACHE_BIG)?).map_err(map_err(MAP_CACHE_BIG))?;
-    let cache = CacheMaps::new(small, big, true);
+    let cache = CacheMaps::from_maps(open, true)?;
     let stats = PerCpuArray::try_from(open(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
     Ok((cache, stats))
 }
