@@ -18,6 +18,7 @@ use std::time::Instant;
 use serde_json::json;
 
 mod contenders;
+mod memlat;
 mod report;
 mod share;
 mod topology;
@@ -75,6 +76,8 @@ pub(crate) fn main() {
     let only: Option<&String> = args.iter().find(|a| !a.starts_with("--"));
     // Before bpf_stats is switched on: it adds its own cost to every run.
     let test_run = prog_test_run_ns();
+    // Before the topology: nothing else of ours running.
+    let memory_latency = memlat::measure();
     let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1");
     let t = setup(&o);
     let files = write_query_files(&o, &t.dir.path);
@@ -134,6 +137,7 @@ pub(crate) fn main() {
     meta["warmset"] = json!(sweep);
     meta["warmset_rate"] = json!(o.warmset_rate);
     meta["share"] = share;
+    meta["memory_latency"] = memory_latency;
     let doc = json!({ "meta": meta, "results": results });
     std::fs::write(
         raw.join("results.json"),

@@ -123,7 +123,7 @@ fn warmset_table(meta: &Value) -> String {
     };
     let (null, ours) = (&sweep[0]["rows"], &sweep[1]["rows"]);
     let mut s = format!(
-        "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn (plot: `docs/bench/warmset.svg`):\n\n| warm names | localdns ns/hit | null ns/packet | × null | localdns replies/s |\n|---|---|---|---|---|\n",
+        "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn, then the same set at saturation (plot: `docs/bench/warmset.svg`):\n\n| warm names | localdns ns/hit | null ns/packet | × null | saturation: localdns ns/hit | null ns/packet | localdns replies/s | null replies/s | rate × null |\n|---|---|---|---|---|---|---|---|---|\n",
         meta["warmset_rate"]
     );
     for (n, o) in null
@@ -133,15 +133,48 @@ fn warmset_table(meta: &Value) -> String {
         .zip(ours.as_array().into_iter().flatten())
     {
         let (a, b) = (num(o, "bpf_ns_per_run"), num(n, "bpf_ns_per_run"));
+        let (ra, rb) = (num(o, "sat_replies_per_s"), num(n, "sat_replies_per_s"));
         let _ = writeln!(
             s,
-            "| {} | {a:.0} | {b:.0} | {:.1} | {} |",
+            "| {} | {a:.0} | {b:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} |",
             o["names"],
             a / b,
-            fmt_k(num(o, "replies_per_s"))
+            num(o, "sat_bpf_ns_per_run"),
+            num(n, "sat_bpf_ns_per_run"),
+            fmt_k(ra),
+            fmt_k(rb),
+            ra / rb,
         );
     }
+    s.push_str(&memory_latency_line(&meta["memory_latency"]));
     s
+}
+
+/// This machine's random-access latency, for scale next to the sweep.
+fn memory_latency_line(rows: &Value) -> String {
+    let Some(rows) = rows.as_array().filter(|r| !r.is_empty()) else {
+        return String::new();
+    };
+    let cells: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let bytes = num(r, "bytes");
+            let span = if bytes >= f64::from(1u32 << 30) {
+                format!("{:.0} GiB", bytes / f64::from(1u32 << 30))
+            } else {
+                format!("{:.0} MiB", bytes / f64::from(1u32 << 20))
+            };
+            format!(
+                "{:.0} ns over {span} ({:.0}-byte slots)",
+                num(r, "ns_per_access"),
+                num(r, "stride")
+            )
+        })
+        .collect();
+    format!(
+        "\nFor scale, this machine's random-access latency (a dependent pointer chase in userspace, 4 KiB pages): {}. A hit whose entry went cold since its last hit pays at least one such access.\n",
+        cells.join(", ")
+    )
 }
 
 fn share_line(share: &Value) -> String {

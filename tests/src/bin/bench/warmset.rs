@@ -1,8 +1,9 @@
 //! Per-hit BPF cost against the size of the warm set: localdns's fast path
 //! and the null responder at one fixed offered rate (kxdpgun), for warm
-//! sets of 50 to 50,000 names (A only: one kernel entry per name). The
-//! fast path's live cost grows with the set (cache and TLB misses on the
-//! map's memory); the null responder touches no map and stays flat.
+//! sets of 50 to 50,000 names (A only: one kernel entry per name), then
+//! each at saturation (the rate ratio against the set). The fast path's
+//! live cost grows with the set (cache and TLB misses on the map's
+//! memory); the null responder touches no map and stays flat.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use crate::Opts;
 use crate::contenders::{Kind, bpf_run, start};
 use crate::topology::{LISTEN, Topo};
-use crate::workloads::{args, dnsperf_once, generate, kxdpgun_replies};
+use crate::workloads::{SATURATION, args, dnsperf_once, generate, kxdpgun_replies};
 
 const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
 const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
@@ -42,7 +43,7 @@ fn names_file(dir: &Path, n: usize) -> PathBuf {
 }
 
 /// One contender over every size: `{name, rows: [{names, bpf_ns_per_run,
-/// replies_per_s}]}`.
+/// replies_per_s, sat_bpf_ns_per_run, sat_replies_per_s}]}`.
 pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     let procs = start(k, t, o);
     let slug = k.slug();
@@ -59,32 +60,55 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     let mut rows = Vec::new();
     for &n in sizes(o) {
         let f = names_file(&t.dir.path, n);
-        let (b0, r0) = bpf_run();
-        let a = args(&[
-            "-t",
-            &o.secs.to_string(),
-            "-Q",
-            &o.warmset_rate.to_string(),
-            "-I",
-            "eth0",
-            "-i",
-            &f.display().to_string(),
-            LISTEN,
-        ]);
-        let (text, _, _) = generate(
+        let rate = o.warmset_rate.to_string();
+        let (ns, replies) = run(
             t,
-            "kxdpgun",
-            &a,
+            o,
+            &f,
+            &rate,
             &raw.join(format!("{slug}-warmset-{n}.txt")),
         );
-        let (b1, r1) = bpf_run();
+        let (sat_ns, sat_replies) = run(
+            t,
+            o,
+            &f,
+            SATURATION,
+            &raw.join(format!("{slug}-warmset-{n}-sat.txt")),
+        );
         rows.push(json!({
             "names": n,
-            "bpf_ns_per_run": if r1 > r0 { (b1 - b0) as f64 / (r1 - r0) as f64 } else { f64::NAN },
-            "replies_per_s": kxdpgun_replies(&text),
+            "bpf_ns_per_run": ns,
+            "replies_per_s": replies,
+            "sat_bpf_ns_per_run": sat_ns,
+            "sat_replies_per_s": sat_replies,
         }));
     }
     drop(procs);
     std::thread::sleep(Duration::from_millis(300));
     json!({ "name": k.name(), "rows": rows })
+}
+
+/// One kxdpgun run over `names` at `rate` q/s: (live BPF ns per run,
+/// replies/s).
+fn run(t: &Topo, o: &Opts, names: &Path, rate: &str, out: &Path) -> (f64, f64) {
+    let (b0, r0) = bpf_run();
+    let a = args(&[
+        "-t",
+        &o.secs.to_string(),
+        "-Q",
+        rate,
+        "-I",
+        "eth0",
+        "-i",
+        &names.display().to_string(),
+        LISTEN,
+    ]);
+    let (text, _, _) = generate(t, "kxdpgun", &a, out);
+    let (b1, r1) = bpf_run();
+    let ns = if r1 > r0 {
+        (b1 - b0) as f64 / (r1 - r0) as f64
+    } else {
+        f64::NAN
+    };
+    (ns, kxdpgun_replies(&text))
 }

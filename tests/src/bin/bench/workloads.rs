@@ -305,6 +305,9 @@ fn warm_up(run: &Run) {
     generate(run.t, "dnsperf", &a, &run.raw("w1-warmup"));
 }
 
+/// kxdpgun's offered rate at saturation: above every contender's ceiling.
+pub(crate) const SATURATION: &str = "4000000";
+
 /// W1 at saturation: kxdpgun (AF_XDP) and dnsperf, `runs` times each.
 fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (t, o, f) = (run.t, run.o, run.f);
@@ -316,7 +319,7 @@ fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
             "-t",
             &o.secs.to_string(),
             "-Q",
-            "4000000",
+            SATURATION,
             "-I",
             "eth0",
             "-i",
