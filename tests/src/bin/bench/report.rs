@@ -136,8 +136,13 @@ fn warmset_table(meta: &Value) -> String {
         let (ra, rb) = (num(o, "sat_replies_per_s"), num(n, "sat_replies_per_s"));
         let _ = writeln!(
             s,
-            "| {} | {a:.0} | {b:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} |",
+            "| {}{} | {a:.0} | {b:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} |",
             o["names"],
+            if o["all_noerror"] == true && n["all_noerror"] == true {
+                ""
+            } else {
+                " (not every query answered NOERROR: see the raw files)"
+            },
             a / b,
             num(o, "sat_bpf_ns_per_run"),
             num(n, "sat_bpf_ns_per_run"),

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::Opts;
 use crate::contenders::{Kind, bpf_run, start};
 use crate::topology::{LISTEN, Topo};
-use crate::workloads::{SATURATION, args, dnsperf_once, generate, kxdpgun_replies};
+use crate::workloads::{SATURATION, args, dnsperf_once, field, generate, kxdpgun_replies};
 
 const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
 const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
@@ -61,14 +61,14 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     for &n in sizes(o) {
         let f = names_file(&t.dir.path, n);
         let rate = o.warmset_rate.to_string();
-        let (ns, replies) = run(
+        let (ns, replies, ok) = run(
             t,
             o,
             &f,
             &rate,
             &raw.join(format!("{slug}-warmset-{n}.txt")),
         );
-        let (sat_ns, sat_replies) = run(
+        let (sat_ns, sat_replies, sat_ok) = run(
             t,
             o,
             &f,
@@ -81,6 +81,9 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
             "replies_per_s": replies,
             "sat_bpf_ns_per_run": sat_ns,
             "sat_replies_per_s": sat_replies,
+            // Every reply a NOERROR hit, or the row measures something else
+            // (the report says so).
+            "all_noerror": ok && sat_ok,
         }));
     }
     drop(procs);
@@ -89,8 +92,8 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
 }
 
 /// One kxdpgun run over `names` at `rate` q/s: (live BPF ns per run,
-/// replies/s).
-fn run(t: &Topo, o: &Opts, names: &Path, rate: &str, out: &Path) -> (f64, f64) {
+/// replies/s, whether every query got a NOERROR reply).
+fn run(t: &Topo, o: &Opts, names: &Path, rate: &str, out: &Path) -> (f64, f64, bool) {
     let (b0, r0) = bpf_run();
     let a = args(&[
         "-t",
@@ -110,5 +113,8 @@ fn run(t: &Topo, o: &Opts, names: &Path, rate: &str, out: &Path) -> (f64, f64) {
     } else {
         f64::NAN
     };
-    (ns, kxdpgun_replies(&text))
+    let count = |key: &str| field(&text, key).unwrap_or(-1.0);
+    let ok =
+        count("total queries:") > 0.0 && count("total queries:") == count("responded NOERROR:");
+    (ns, kxdpgun_replies(&text), ok)
 }
