@@ -143,11 +143,6 @@ pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Running
                 &t.pin_path(),
                 "--fastpath-entries",
                 "65536",
-                // The userspace cache is the kernel map's source (its
-                // evictions leave the map): as large, so the warm-set
-                // sweep's 50,000 names all stay hits.
-                "--cache-success",
-                "65536",
                 "--config",
             ])
             .arg(cfg);

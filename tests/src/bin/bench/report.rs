@@ -123,8 +123,8 @@ fn warmset_table(meta: &Value) -> String {
     };
     let (null, ours) = (&sweep[0]["rows"], &sweep[1]["rows"]);
     let mut s = format!(
-        "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn, then the same set at saturation (plot: `docs/bench/warmset.svg`):\n\n| warm names | localdns ns/hit | null ns/packet | × null | saturation: localdns ns/hit | null ns/packet | localdns replies/s | null replies/s | rate × null |\n|---|---|---|---|---|---|---|---|---|\n",
-        meta["warmset_rate"]
+        "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn, then the same set at saturation; medians of {} run(s) of {} s (plot: `docs/bench/warmset.svg`):\n\n| warm names | localdns ns/hit | null ns/packet | × null | saturation: localdns ns/hit | null ns/packet | localdns replies/s | null replies/s | rate × null |\n|---|---|---|---|---|---|---|---|---|\n",
+        meta["warmset_rate"], meta["runs"], meta["secs"]
     );
     for (n, o) in null
         .as_array()

@@ -12,9 +12,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::Opts;
-use crate::contenders::{Kind, bpf_run, start};
+use crate::contenders::{Kind, bpf_run, start_with};
 use crate::topology::{LISTEN, Topo};
-use crate::workloads::{SATURATION, args, dnsperf_once, field, generate, kxdpgun_replies};
+use crate::workloads::{SATURATION, args, dnsperf_once, field, generate, kxdpgun_replies, median};
 
 const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
 const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
@@ -45,7 +45,10 @@ fn names_file(dir: &Path, n: usize) -> PathBuf {
 /// One contender over every size: `{name, rows: [{names, bpf_ns_per_run,
 /// replies_per_s, sat_bpf_ns_per_run, sat_replies_per_s}]}`.
 pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
-    let procs = start(k, t, o);
+    // The userspace cache is the kernel map's source (names it evicts
+    // leave the map): as large as the map, so that the 50,000 names all
+    // stay hits (the default 30,000 would send some to the daemon).
+    let procs = start_with(k, t, o, &["--cache-success", "65536"]);
     let slug = k.slug();
     if k != Kind::Null {
         // Every name of the largest set cached once (not counted).
@@ -61,29 +64,31 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     for &n in sizes(o) {
         let f = names_file(&t.dir.path, n);
         let rate = o.warmset_rate.to_string();
-        let (ns, replies, ok) = run(
-            t,
-            o,
-            &f,
-            &rate,
-            &raw.join(format!("{slug}-warmset-{n}.txt")),
-        );
-        let (sat_ns, sat_replies, sat_ok) = run(
-            t,
-            o,
-            &f,
-            SATURATION,
-            &raw.join(format!("{slug}-warmset-{n}-sat.txt")),
-        );
+        // Medians of `runs` runs each: one 5-second run moves by up to a
+        // third on this VM.
+        let (mut ns, mut replies, mut sat_ns, mut sat_replies, mut ok) =
+            (vec![], vec![], vec![], vec![], true);
+        for i in 0..o.runs {
+            for (rate, tag, cost, rate_out) in [
+                (rate.as_str(), "", &mut ns, &mut replies),
+                (SATURATION, "-sat", &mut sat_ns, &mut sat_replies),
+            ] {
+                let out = raw.join(format!("{slug}-warmset-{n}{tag}-{i}.txt"));
+                let (c, r, all) = run(t, o, &f, rate, &out);
+                cost.push(c);
+                rate_out.push(r);
+                ok &= all;
+            }
+        }
         rows.push(json!({
             "names": n,
-            "bpf_ns_per_run": ns,
-            "replies_per_s": replies,
-            "sat_bpf_ns_per_run": sat_ns,
-            "sat_replies_per_s": sat_replies,
+            "bpf_ns_per_run": median(&mut ns),
+            "replies_per_s": median(&mut replies),
+            "sat_bpf_ns_per_run": median(&mut sat_ns),
+            "sat_replies_per_s": median(&mut sat_replies),
             // Every reply a NOERROR hit, or the row measures something else
             // (the report says so).
-            "all_noerror": ok && sat_ok,
+            "all_noerror": ok,
         }));
     }
     drop(procs);
