@@ -16,13 +16,22 @@ use crate::topology::{LISTEN, Topo};
 /// Runs a load generator in the client netns; returns (stdout, its own CPU
 /// seconds from wait4's rusage, wall seconds).
 pub(crate) fn generate(t: &Topo, prog: &str, args: &[String], raw: &Path) -> (String, f64, f64) {
-    let mut c = t.client.cmd(prog);
-    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let t0 = Instant::now();
-    let child = c.spawn().unwrap();
-    let out = child.wait_with_output_rusage();
-    let wall = t0.elapsed().as_secs_f64();
-    let text = format!("$ {prog} {}\n{}{}", args.join(" "), out.0, out.1);
+    let mut attempt = 0;
+    let (text, out, wall) = loop {
+        let mut c = t.client.cmd(prog);
+        c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let t0 = Instant::now();
+        let out = c.spawn().unwrap().wait_with_output_rusage();
+        let wall = t0.elapsed().as_secs_f64();
+        let text = format!("$ {prog} {}\n{}{}", args.join(" "), out.0, out.1);
+        // The kernel frees the previous kxdpgun's AF_XDP socket after the
+        // process exits; a run that starts too soon finds the queue busy.
+        attempt += 1;
+        if attempt == 10 || !text.contains("requested resource is busy") {
+            break (text, out, wall);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
     // Per-query lines of `dnsperf -v` are kept as a histogram (µs -> count):
     // the percentiles are exact from it, the files stay small.
     let mut hist: BTreeMap<u64, u64> = BTreeMap::new();
@@ -116,11 +125,13 @@ pub(crate) fn percentiles(text: &str) -> Option<[f64; 3]> {
     Some([p(0.5), p(0.99), p(0.999)])
 }
 
+/// Median of the values that are numbers (a failed run gives NaN).
 pub(crate) fn median(v: &mut [f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
