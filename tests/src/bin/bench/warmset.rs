@@ -13,8 +13,10 @@ use serde_json::{Value, json};
 
 use crate::Opts;
 use crate::contenders::{Kind, bpf_run, start_with};
-use crate::topology::{LISTEN, Topo};
-use crate::workloads::{SATURATION, args, dnsperf_once, field, generate, kxdpgun_replies, median};
+use crate::topology::Topo;
+use crate::workloads::{
+    SATURATION, dnsperf_once, field, generate, kxdpgun_args, kxdpgun_replies, median,
+};
 
 const SIZES_FULL: [usize; 6] = [50, 500, 2000, 5000, 20000, 50000];
 const SIZES_QUICK: [usize; 3] = [50, 2000, 20000];
@@ -63,29 +65,29 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
     let mut rows = Vec::new();
     for &n in sizes(o) {
         let f = names_file(&t.dir.path, n);
-        let rate = o.warmset_rate.to_string();
+        let offered = o.warmset_rate.to_string();
         // Medians of `runs` runs each: one 5-second run moves by up to a
         // third on this VM.
         let (mut ns, mut replies, mut sat_ns, mut sat_replies, mut ok) =
             (vec![], vec![], vec![], vec![], true);
         for i in 0..o.runs {
-            for (rate, tag, cost, rate_out) in [
-                (rate.as_str(), "", &mut ns, &mut replies),
+            for (rate, tag, cost, answered) in [
+                (offered.as_str(), "", &mut ns, &mut replies),
                 (SATURATION, "-sat", &mut sat_ns, &mut sat_replies),
             ] {
                 let out = raw.join(format!("{slug}-warmset-{n}{tag}-{i}.txt"));
                 let (c, r, all) = run(t, o, &f, rate, &out);
                 cost.push(c);
-                rate_out.push(r);
+                answered.push(r);
                 ok &= all;
             }
         }
         rows.push(json!({
             "names": n,
-            "bpf_ns_per_run": median(&mut ns),
-            "replies_per_s": median(&mut replies),
-            "sat_bpf_ns_per_run": median(&mut sat_ns),
-            "sat_replies_per_s": median(&mut sat_replies),
+            "bpf_ns_per_run": median(&ns),
+            "replies_per_s": median(&replies),
+            "sat_bpf_ns_per_run": median(&sat_ns),
+            "sat_replies_per_s": median(&sat_replies),
             // Every reply a NOERROR hit, or the row measures something else
             // (the report says so).
             "all_noerror": ok,
@@ -100,26 +102,14 @@ pub(crate) fn sweep(k: Kind, t: &Topo, o: &Opts, raw: &Path) -> Value {
 /// replies/s, whether every query got a NOERROR reply).
 fn run(t: &Topo, o: &Opts, names: &Path, rate: &str, out: &Path) -> (f64, f64, bool) {
     let (b0, r0) = bpf_run();
-    let a = args(&[
-        "-t",
-        &o.secs.to_string(),
-        "-Q",
-        rate,
-        "-I",
-        "eth0",
-        "-i",
-        &names.display().to_string(),
-        LISTEN,
-    ]);
-    let (text, _, _) = generate(t, "kxdpgun", &a, out);
+    let (text, _, _) = generate(t, "kxdpgun", &kxdpgun_args(o, names, rate), out);
     let (b1, r1) = bpf_run();
     let ns = if r1 > r0 {
         (b1 - b0) as f64 / (r1 - r0) as f64
     } else {
         f64::NAN
     };
-    let count = |key: &str| field(&text, key).unwrap_or(-1.0);
-    let ok =
-        count("total queries:") > 0.0 && count("total queries:") == count("responded NOERROR:");
+    let sent = field(&text, "total queries:").unwrap_or(0.0);
+    let ok = sent > 0.0 && field(&text, "responded NOERROR:") == Some(sent);
     (ns, kxdpgun_replies(&text), ok)
 }

@@ -126,7 +126,7 @@ pub(crate) fn percentiles(text: &str) -> Option<[f64; 3]> {
 }
 
 /// Median of the values that are numbers (a failed run gives NaN).
-pub(crate) fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {
         return f64::NAN;
@@ -319,6 +319,22 @@ fn warm_up(run: &Run) {
 /// kxdpgun's offered rate at saturation: above every contender's ceiling.
 pub(crate) const SATURATION: &str = "4000000";
 
+/// kxdpgun for `secs` over the names in `file` at `rate` q/s, from the
+/// client netns's eth0 to the listener.
+pub(crate) fn kxdpgun_args(o: &Opts, file: &Path, rate: &str) -> Vec<String> {
+    args(&[
+        "-t",
+        &o.secs.to_string(),
+        "-Q",
+        rate,
+        "-I",
+        "eth0",
+        "-i",
+        &file.display().to_string(),
+        LISTEN,
+    ])
+}
+
 /// W1 at saturation: kxdpgun (AF_XDP) and dnsperf, `runs` times each.
 fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (t, o, f) = (run.t, run.o, run.f);
@@ -326,17 +342,7 @@ fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
         (vec![], vec![], vec![], vec![], vec![]);
     let (bs0, ns0) = bpf_run();
     for i in 0..o.runs {
-        let a = args(&[
-            "-t",
-            &o.secs.to_string(),
-            "-Q",
-            SATURATION,
-            "-I",
-            "eth0",
-            "-i",
-            &f.hits.display().to_string(),
-            LISTEN,
-        ]);
+        let a = kxdpgun_args(o, &f.hits, SATURATION);
         let (text, ccpu, wall) = generate(t, "kxdpgun", &a, &run.raw(&format!("w1-kxdpgun-{i}")));
         kx.push(kxdpgun_replies(&text));
         kx_cpu.push(ccpu / wall);
@@ -357,10 +363,10 @@ fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
             json!((bs1 - bs0) as f64 / (ns1 - ns0) as f64),
         );
     }
-    r.insert("w1_kxdpgun_qps".into(), json!(median(&mut kx)));
-    r.insert("w1_kxdpgun_client_cpu".into(), json!(median(&mut kx_cpu)));
-    r.insert("w1_dnsperf_qps".into(), json!(median(&mut dp)));
-    r.insert("w1_dnsperf_client_cpu".into(), json!(median(&mut dp_cpu)));
+    r.insert("w1_kxdpgun_qps".into(), json!(median(&kx)));
+    r.insert("w1_kxdpgun_client_cpu".into(), json!(median(&kx_cpu)));
+    r.insert("w1_dnsperf_qps".into(), json!(median(&dp)));
+    r.insert("w1_dnsperf_client_cpu".into(), json!(median(&dp_cpu)));
     r.insert("w1_dnsperf_lost".into(), json!(dp_lost.iter().sum::<f64>()));
     // Latency at saturation (short verbose run).
     if !o.quick {
@@ -431,9 +437,9 @@ fn w2_w3(run: &Run, r: &mut serde_json::Map<String, Value>) {
         w3.push(q);
         w3l.push(l);
     }
-    r.insert("w2_qps".into(), json!(median(&mut w2)));
+    r.insert("w2_qps".into(), json!(median(&w2)));
     r.insert("w2_lost".into(), json!(w2l.iter().sum::<f64>()));
-    r.insert("w3_qps".into(), json!(median(&mut w3)));
+    r.insert("w3_qps".into(), json!(median(&w3)));
     r.insert("w3_lost".into(), json!(w3l.iter().sum::<f64>()));
 }
 
