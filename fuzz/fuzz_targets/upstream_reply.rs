@@ -7,7 +7,7 @@
 
 use hickory_proto::op::Message;
 use libfuzzer_sys::fuzz_target;
-use localdns_user::cache::Entry;
+use localdns_user::cache::{Entry, Key};
 use localdns_user::fastpath::encode;
 use localdns_user::{validate, wire};
 
@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let now = 1_000_000_000_000u64;
     if let Ok(e) = Entry::from_upstream(&q, resp, 3600, 300, now) {
-        let _ = encode::value(&e);
+        let _ = encode::value(&Key::of(0, &q), &e);
         for (max, later) in [(512, 0), (1232, 1), (65535, 7200)] {
             if let Some(out) = e.render(raw, &q, now + later * 1_000_000_000, max) {
                 assert!(out.len() <= max, "rendered {} bytes for {max}", out.len());

@@ -12,15 +12,16 @@
 /// Cache map name (BTF LRU hash), small size class.
 ///
 /// - purpose: cached DNS responses the kernel may serve without the daemon,
-///   those that fit 256 bytes ([`CacheValue::compact`]: name up to 80
-///   bytes, tail up to 88, up to 8 records): nearly all of them
+///   those that fit 264 bytes ([`CacheValue::compact`]: name up to 80
+///   bytes, tail up to 96, up to 8 records): nearly all of them
 /// - key: [`CacheKey`]; value: [`SmallValue`]
 /// - writer: `localdns-user` (after each cacheable upstream answer; deletes on
 ///   expiry/flush; an entry lives in exactly one of the two cache maps);
 ///   reader: XDP/TC program (looks here first; writes only
 ///   [`EntryHead::hits`])
 /// - capacity: [`CACHE_MAP_ENTRIES`] by default, `--fastpath-entries` at load
-/// - eviction: kernel LRU; the program also refuses entries past `expire_ns`
+/// - eviction: kernel LRU; the program also refuses entries older than
+///   their TTL
 pub const MAP_CACHE: &str = "LDNS_CACHE";
 /// Cache map name (BTF LRU hash), big size class.
 ///
@@ -74,7 +75,7 @@ pub const MAP_META: &str = "LDNS_META";
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
@@ -155,12 +156,35 @@ pub const VIEW_VNET: u8 = 0;
 /// View index of 169.254.10.11 (`kubeDNSOverrides`).
 pub const VIEW_KUBE: u8 = 1;
 
-/// [`CacheKey::flags`]: the query carried the DO bit.
+/// [`KeyFields::flags`]: the query carried the DO bit.
 pub const KEY_F_DO: u8 = 1;
-/// [`CacheKey::flags`]: the query carried the CD bit.
+/// [`KeyFields::flags`]: the query carried the CD bit.
 pub const KEY_F_CD: u8 = 2;
-/// [`CacheKey::flags`]: the query carried an OPT record (EDNS).
+/// [`KeyFields::flags`]: the query carried an OPT record (EDNS).
 pub const KEY_F_EDNS: u8 = 4;
+
+/// Longest TTL (seconds) of an entry the kernel serves: 11.5 days, above
+/// the 7-day `cacheDurationInSeconds` limit. It keeps the age of a fresh
+/// entry under 2^50 ns, the range of [`whole_secs`].
+pub const MAX_KERNEL_TTL: u32 = 1_000_000;
+
+/// `ns / 1_000_000_000` for `ns < 2^50` (13 days), without a division: a
+/// 64-bit divide is the slowest instruction of a hit (4 ns on the bench
+/// machine). The product estimate is exact or one short (`ns >> 16` loses
+/// under 66 µs, the multiplier under 2^-29 relative), and one comparison
+/// corrects it.
+#[inline(always)]
+pub const fn whole_secs(ns: u64) -> u64 {
+    // floor(2^43 / (1e9 / 2^16)): never overestimates; (ns >> 16) < 2^34
+    // and the multiplier < 2^30, so the product fits.
+    const M: u64 = 576_460_752;
+    let est = ((ns >> 16) * M) >> 43;
+    if (est + 1) * 1_000_000_000 <= ns {
+        est + 1
+    } else {
+        est
+    }
+}
 
 /// Longest wire-format qname (RFC 1035 §3.1), root label included.
 pub const MAX_QNAME: usize = 255;
@@ -176,13 +200,27 @@ pub const MAX_TTLS: usize = 28;
 /// UDP payload size limit for clients without EDNS (RFC 1035).
 pub const PLAIN_UDP_MAX: u16 = 512;
 
-/// Key of [`MAP_CACHE`]. 16 bytes so the LRU lookup stays cheap; the
-/// lower-cased qname itself lives in the value and is compared on a hit.
+/// Key of [`MAP_CACHE`] and [`MAP_CACHE_BIG`]: one seeded 64-bit hash
+/// ([`key_hash`]) of everything a cached answer depends on. 8 bytes
+/// because the kernel hashes the key again on every lookup (jhash): a
+/// 16-byte key cost 8 ns more per hit in `BPF_PROG_TEST_RUN`. What the
+/// hash covers is stored in the value ([`EntryHead::key`] and the name)
+/// and compared on every hit, so a collision can only cause a PASS.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    /// [`qname_hash`] of the lower-cased wire qname with the loaded seed.
-    pub qname_hash: u64,
+    /// [`key_hash`] of the lower-cased wire qname and the [`KeyFields`]
+    /// with the loaded seed.
+    pub hash: u64,
+}
+const _: () = assert!(core::mem::size_of::<CacheKey>() == 8);
+
+/// Everything besides the name a query must match to be answered from an
+/// entry. Kept in [`EntryHead::key`]; the program compares it as one word
+/// ([`KeyFields::word`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KeyFields {
     /// QTYPE, host byte order.
     pub qtype: u16,
     /// QCLASS, host byte order.
@@ -195,7 +233,39 @@ pub struct CacheKey {
     pub flags: u8,
     pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<CacheKey>() == 16);
+const _: () = assert!(core::mem::size_of::<KeyFields>() == 8);
+
+impl KeyFields {
+    /// The fields as the little-endian word they occupy in memory (what
+    /// the program compares and hashes; both sides are little-endian).
+    #[inline(always)]
+    pub const fn word(&self) -> u64 {
+        key_word(
+            self.qtype,
+            self.qclass,
+            self.qname_len,
+            self.view,
+            self.flags,
+        )
+    }
+}
+
+/// [`KeyFields::word`] from loose fields (the program has no struct).
+#[inline(always)]
+pub const fn key_word(qtype: u16, qclass: u16, qname_len: u8, view: u8, flags: u8) -> u64 {
+    qtype as u64
+        | (qclass as u64) << 16
+        | (qname_len as u64) << 32
+        | (view as u64) << 40
+        | (flags as u64) << 48
+}
+
+/// [`CacheKey::hash`]: the seeded [`qname_hash`] of the lower-cased name,
+/// then one more step with the [`KeyFields`] word.
+#[inline(always)]
+pub const fn key_hash(name_hash: u64, key_word: u64) -> u64 {
+    qname_hash_step(name_hash, key_word)
+}
 
 /// Bytes of [`CacheValue::data`]: the longest qname in whole words plus the
 /// largest tail, plus 8 spare bytes: the program masks offsets (tail
@@ -228,11 +298,14 @@ pub struct EntryHead {
     /// means the element was reused meanwhile (preallocated elements are
     /// recycled at once) and the reply is abandoned.
     pub generation: u64,
+    /// What besides the name the entry answers for: compared with the
+    /// query on every hit (the map key is only their hash). After
+    /// `generation`, which a copy into the element changes first.
+    pub key: KeyFields,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds at insertion (the clock of
-    /// `bpf_ktime_get_coarse_ns`).
+    /// `bpf_ktime_get_coarse_ns`). The entry is served while fewer than
+    /// `ttl` whole seconds have passed since.
     pub insert_ns: u64,
-    /// `CLOCK_MONOTONIC_COARSE` nanoseconds from which the entry is not served.
-    pub expire_ns: u64,
     /// TTL in seconds of every record at `insert_ns` (already capped).
     pub ttl: u32,
     /// Partial one's-complement sum (folded, native loads of network-order
@@ -252,11 +325,6 @@ pub struct EntryHead {
     pub ttl_even: u16,
     /// TTL fields at odd DNS-payload offsets.
     pub ttl_odd: u16,
-    /// Length of the qname in bytes; equals the key's `qname_len`.
-    pub qname_len: u16,
-    /// 1: emit a [`LogEvent`] for every hit (zone has `queryLogging: Log`).
-    pub log: u8,
-    pub _pad: u8,
     /// Stat slot of the entry's answers (see [`STAT_ZONE_BASE`]).
     pub stat: u16,
     /// Prefetch (CoreDNS `prefetch`): answers the kernel gave from this
@@ -270,8 +338,12 @@ pub struct EntryHead {
     /// Milliseconds after `insert_ns` at which the prefetch window opens
     /// (the last `percentage` of the TTL).
     pub prefetch_ms: u32,
+    /// 1: emit a [`LogEvent`] for every hit (zone has `queryLogging: Log`).
+    pub log: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<EntryHead>() == 64);
+const _: () = assert!(core::mem::offset_of!(EntryHead, key) == 8);
 
 /// Value of [`MAP_CACHE_BIG`], and the daemon's working form of every
 /// entry: a response's wire image minus what the kernel takes from the
@@ -301,15 +373,17 @@ pub const SMALL_TTLS: usize = 8;
 pub const SMALL_SPAN_MAX: usize = 80;
 /// Longest tail of a [`SmallValue`]: a few A/AAAA records with our OPT
 /// (one A + OPT is 27 bytes, two AAAA + OPT 67).
-pub const SMALL_TAIL_MAX: usize = 88;
+pub const SMALL_TAIL_MAX: usize = 96;
 /// Bytes of [`SmallValue::data`]: name, tail and the 8 spare bytes a word
 /// read at the largest checked offset needs.
 pub const SMALL_DATA_LEN: usize = SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8;
 
-/// Value of [`MAP_CACHE`]: the same entry as a [`CacheValue`] in 256 bytes
-/// (four cache lines, the head in the first), for the common small answers.
-/// A hit reads the head, then `ttl_off` and the name and tail in the next
-/// one or two lines; 20,000 entries take 6 MiB of elements instead of 33.
+/// Value of [`MAP_CACHE`]: the same entry as a [`CacheValue`] in 264 bytes,
+/// for the common small answers. With the kernel's 48-byte element header
+/// and the 8-byte key an element is 320 bytes, five cache lines: the key
+/// and `generation` in the first, the rest of the head in the second,
+/// `ttl_off`, the name and the tail in the next ones; 20,000 entries take
+/// 6 MiB of elements instead of 33.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SmallValue {
@@ -320,7 +394,7 @@ pub struct SmallValue {
     /// at most [`SMALL_TAIL_MAX`].
     pub data: [u8; SMALL_DATA_LEN],
 }
-const _: () = assert!(core::mem::size_of::<SmallValue>() == 256);
+const _: () = assert!(core::mem::size_of::<SmallValue>() == 264);
 const _: () = assert!(core::mem::offset_of!(SmallValue, head) == 0);
 
 /// What the program needs of either size class: the head at offset 0,
@@ -382,8 +456,15 @@ impl CacheValue {
         Self {
             head: EntryHead {
                 generation: 0,
+                key: KeyFields {
+                    qtype: 0,
+                    qclass: 0,
+                    qname_len: 0,
+                    view: 0,
+                    flags: 0,
+                    _pad: 0,
+                },
                 insert_ns: 0,
-                expire_ns: 0,
                 ttl: 0,
                 csum_partial: 0,
                 flags_be: 0,
@@ -392,13 +473,12 @@ impl CacheValue {
                 ttl_count: 0,
                 ttl_even: 0,
                 ttl_odd: 0,
-                qname_len: 0,
-                log: 0,
-                _pad: 0,
                 stat: 0,
                 hits: 0,
                 prefetch_amount: 0,
                 prefetch_ms: 0,
+                log: 0,
+                _pad: [0; 3],
             },
             ttl_off: [0; MAX_TTLS],
             data: [0; DATA_LEN],
@@ -407,12 +487,12 @@ impl CacheValue {
 
     /// The stored lower-case qname.
     pub fn qname(&self) -> &[u8] {
-        &self.data[..(self.head.qname_len as usize).min(MAX_QNAME)]
+        &self.data[..(self.head.key.qname_len as usize).min(MAX_QNAME)]
     }
 
     /// The stored tail (as far as it lies inside `data`).
     pub fn tail(&self) -> &[u8] {
-        let at = name_span((self.head.qname_len as usize).min(MAX_QNAME));
+        let at = name_span((self.head.key.qname_len as usize).min(MAX_QNAME));
         &self.data[at..(at + self.head.tail_len as usize).min(DATA_LEN)]
     }
 
@@ -420,7 +500,7 @@ impl CacheValue {
     /// it to [`MAP_CACHE`] then, else to [`MAP_CACHE_BIG`]).
     pub fn compact(&self) -> Option<SmallValue> {
         let h = &self.head;
-        let span = name_span(h.qname_len as usize);
+        let span = name_span(h.key.qname_len as usize);
         let tail = h.tail_len as usize;
         let ttls = h.ttl_count as usize;
         if span > SMALL_SPAN_MAX || tail > SMALL_TAIL_MAX || ttls > SMALL_TTLS {
@@ -524,7 +604,7 @@ pub struct Meta {
     /// [`LAYOUT_VERSION`] of the daemon that created the maps.
     pub layout: u32,
     pub _pad: u32,
-    /// [`qname_hash`] seed of every key in the cache map.
+    /// [`qname_hash`] seed of every key in the cache maps.
     pub seed: u64,
     /// `CLOCK_MONOTONIC` nanoseconds when the maps were created.
     pub created_ns: u64,
@@ -688,7 +768,7 @@ mod tests {
     fn entry(qlen: usize, tail: usize, ttls: usize) -> CacheValue {
         let mut v = CacheValue::zeroed();
         v.head.generation = 7;
-        v.head.qname_len = qlen as u16;
+        v.head.key.qname_len = qlen as u8;
         v.head.tail_len = tail as u16;
         v.head.ttl_count = ttls as u16;
         for i in 0..ttls {
@@ -706,7 +786,7 @@ mod tests {
 
     #[test]
     fn small_class_round_trips_what_fits() {
-        for (qlen, tail, ttls) in [(1, 8, 0), (17, 27, 1), (80, 88, 8), (73, 88, 8)] {
+        for (qlen, tail, ttls) in [(1, 8, 0), (17, 27, 1), (80, 96, 8), (73, 96, 8)] {
             let v = entry(qlen, tail, ttls);
             let s = v.compact().expect("fits the small class");
             let back = s.expand();
@@ -720,8 +800,8 @@ mod tests {
 
     #[test]
     fn big_entries_stay_big() {
-        // Name span 88, tail 89, 9 TTL fields: each alone is one too many.
-        for (qlen, tail, ttls) in [(81, 8, 0), (1, 89, 1), (1, 88, 9), (255, 1216, 28)] {
+        // Name span 88, tail 97, 9 TTL fields: each alone is one too many.
+        for (qlen, tail, ttls) in [(81, 8, 0), (1, 97, 1), (1, 96, 9), (255, 1216, 28)] {
             assert!(
                 entry(qlen, tail, ttls).compact().is_none(),
                 "{qlen}/{tail}/{ttls}"
@@ -733,6 +813,59 @@ mod tests {
     fn big_class_capacity() {
         assert_eq!(big_entries(CACHE_MAP_ENTRIES), 4096);
         assert_eq!(big_entries(16), 64);
+    }
+
+    #[test]
+    fn key_word_is_the_fields_in_memory() {
+        let k = KeyFields {
+            qtype: 0x1c01,
+            qclass: 0x00fe,
+            qname_len: 255,
+            view: 1,
+            flags: KEY_F_DO | KEY_F_EDNS,
+            _pad: 0,
+        };
+        // SAFETY: 8 bytes of plain integers either way.
+        let mem: u64 = unsafe { core::mem::transmute(k) };
+        assert_eq!(k.word(), mem);
+        let mut other = k;
+        other.view = 0;
+        assert_ne!(key_hash(9, other.word()), key_hash(9, k.word()));
+    }
+
+    #[test]
+    fn whole_secs_is_exact_below_2_pow_50() {
+        const NS: u64 = 1_000_000_000;
+        let limit = 1u64 << 50;
+        // Every second boundary up to MAX_KERNEL_TTL + 1, both sides.
+        for k in 0..=u64::from(MAX_KERNEL_TTL) + 1 {
+            for x in [
+                k * NS,
+                (k * NS).saturating_sub(1),
+                k * NS + 1,
+                k * NS + NS / 2,
+            ] {
+                assert_eq!(whole_secs(x), x / NS, "{x}");
+            }
+        }
+        // The top of the range and a pseudo-random spread over it.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1_000_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = x % limit;
+            assert_eq!(whole_secs(v), v / NS, "{v}");
+        }
+        for v in [
+            limit - 1,
+            limit - NS,
+            (limit / NS) * NS,
+            (limit / NS) * NS - 1,
+        ] {
+            assert_eq!(whole_secs(v), v / NS, "{v}");
+        }
+        assert!(u64::from(MAX_KERNEL_TTL) * NS < limit);
     }
 
     #[test]

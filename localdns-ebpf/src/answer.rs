@@ -9,9 +9,9 @@
 
 use localdns_common::{
     FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
-    FAULT_RACE_NO_UNDO, KEY_F_DO, KEY_F_EDNS, SAVE_MAX, STAT_DROP_ERROR, STAT_EXPIRED,
-    STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_ROOM, STAT_PASS_SIZE, Scratch,
-    Slot, csum_fold, name_span,
+    FAULT_RACE_NO_UNDO, KEY_F_DO, KEY_F_EDNS, MAX_KERNEL_TTL, SAVE_MAX, STAT_DROP_ERROR,
+    STAT_EXPIRED, STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_ROOM,
+    STAT_PASS_SIZE, Scratch, Slot, csum_fold, name_span, whole_secs,
 };
 
 use crate::packet::{
@@ -64,19 +64,21 @@ pub fn check<V: Slot>(q: &Query, v: &V, now: u64, scratch: *mut Scratch) -> Resu
     let h = v.head();
     let generation = unsafe { core::ptr::read_volatile(&h.generation) };
     barrier();
-    if now >= h.expire_ns {
-        return Err(STAT_EXPIRED);
+    // The map key is only a hash: the type, class, name length, view and
+    // flags are compared here, the name below.
+    let key = unsafe { (&raw const h.key).cast::<u64>().read() };
+    // The entry's class holds names of at most V::SPAN_MAX bytes.
+    if key != q.key || name_span(q.qlen) > V::SPAN_MAX {
+        return Err(STAT_PASS_COLLISION);
     }
     // Both sides read the coarse clock, so `now` is never behind the
     // insert; if it were, the entry would be new.
-    let elapsed = now.saturating_sub(h.insert_ns) / 1_000_000_000;
-    if elapsed >= h.ttl as u64 {
+    let age_ns = now.saturating_sub(h.insert_ns);
+    if h.ttl > MAX_KERNEL_TTL || age_ns >= h.ttl as u64 * 1_000_000_000 {
         return Err(STAT_EXPIRED);
     }
-    // The entry's class holds names of at most V::SPAN_MAX bytes.
-    if h.qname_len as usize != q.qlen || name_span(q.qlen) > V::SPAN_MAX {
-        return Err(STAT_PASS_COLLISION);
-    }
+    // age_ns < 2^50 now: the range of whole_secs.
+    let elapsed = whole_secs(age_ns);
     let nwords = launder(slot, q.qlen.div_ceil(8));
     let data = v.data_ptr();
     let mut diff = 0u64;

@@ -30,12 +30,12 @@ use localdns_common::{
     FAULT_STOP_CHECKED, FAULT_STOP_LOOKED_UP, FAULT_STOP_PARSED, FAULT_STOP_SUMMED, KEY_F_EDNS,
     LOG_RING_BYTES, LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta,
     STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM,
-    STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, Slot, SmallValue, big_entries, csum_fold,
+    STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, Slot, SmallValue, big_entries, csum_fold, key_hash,
 };
 
 use answer::Verdict;
 use packet::{Packet, Tc, Xdp, be16, ld16, ld64, opaque, ptr_at, st64};
-use query::{IP_OFF, Listeners, MAX_QUERY, Off, Query};
+use query::{IP_OFF, Listeners, MAX_QUERY, Off, Query, global};
 
 // Map contracts (purpose, key, value, writer, reader, capacity, eviction) are
 // documented on the MAP_* constants in localdns-common.
@@ -59,8 +59,8 @@ static LDNS_LOG: RingBuf<LogEvent, { LOG_RING_BYTES as usize }> = RingBuf::new()
 static LDNS_META: Array<Meta, 1> = Array::new();
 
 // Set by the loader (EbpfLoader::override_global); see GLOBAL_* in
-// localdns-common. Read through read_volatile so the compiler cannot fold
-// the zero initialisers; the verifier knows the loaded values (frozen
+// localdns-common. Read through `query::global`, so the compiler cannot
+// fold the zero initialisers; the verifier knows the loaded values (frozen
 // .rodata) and removes dead branches, e.g. every fault-injection test.
 #[unsafe(no_mangle)]
 static LDNS_LISTEN4: [u32; MAX_LISTEN] = [0; MAX_LISTEN];
@@ -76,17 +76,12 @@ static LDNS_HASH_SEED: u64 = 0;
 static LDNS_FAULT: u32 = 0;
 
 #[inline(always)]
-fn global<T: Copy>(g: &T) -> T {
-    unsafe { core::ptr::read_volatile(g) }
-}
-
-#[inline(always)]
 fn listeners() -> Listeners {
     Listeners {
-        v4: global(&LDNS_LISTEN4),
-        view4: global(&LDNS_VIEW4),
-        v6: global(&LDNS_LISTEN6),
-        view6: global(&LDNS_VIEW6),
+        v4: &LDNS_LISTEN4,
+        view4: &LDNS_VIEW4,
+        v6: &LDNS_LISTEN6,
+        view6: &LDNS_VIEW6,
     }
 }
 
@@ -133,13 +128,7 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
         return Verdict::Pass(STAT_MISS);
     }
     let key = CacheKey {
-        qname_hash: q.hash,
-        qtype: q.qtype,
-        qclass: q.qclass,
-        qname_len: q.qlen as u8,
-        view: q.view,
-        flags: q.kflags,
-        _pad: 0,
+        hash: key_hash(q.hash, q.key),
     };
     // Small class first: nearly every entry is there.
     if let Some(vp) = LDNS_CACHE.get_ptr_mut(key) {
@@ -362,8 +351,7 @@ fn try_null<P: Packet>(p: &P) -> Result<(), u32> {
             return Err(STAT_NOT_DNS);
         }
         let daddr = (f.add(IP_OFF + 16) as *const u32).read_unaligned();
-        let l = listeners();
-        if !l.v4.contains(&daddr) {
+        if !global(&LDNS_LISTEN4).contains(&daddr) {
             return Err(STAT_NOT_DNS);
         }
         if be16(f.add(UDP_OFF + 2)) != 53 || *f.add(DNS_OFF + 2) & 0x80 != 0 {

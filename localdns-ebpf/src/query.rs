@@ -6,8 +6,8 @@
 
 use localdns_common::{
     KEY_F_CD, KEY_F_DO, KEY_F_EDNS, MAX_LISTEN, MAX_QNAME, PLAIN_UDP_MAX, STAT_NOT_DNS,
-    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, csum_fold, lower8,
-    qname_hash_step,
+    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, csum_fold, key_word,
+    lower8, qname_hash_step,
 };
 
 use crate::packet::{Packet, be16, launder, ld16, ld64, opaque, ptr_at, st64};
@@ -48,12 +48,21 @@ impl Off {
     }
 }
 
-/// The listener addresses and their views (load-time constants).
+/// The listener addresses and their views: the load-time globals, each
+/// read where it is used (only the query's family).
 pub struct Listeners {
-    pub v4: [u32; MAX_LISTEN],
-    pub view4: [u8; MAX_LISTEN],
-    pub v6: [u64; 2 * MAX_LISTEN],
-    pub view6: [u8; MAX_LISTEN],
+    pub v4: &'static [u32; MAX_LISTEN],
+    pub view4: &'static [u8; MAX_LISTEN],
+    pub v6: &'static [u64; 2 * MAX_LISTEN],
+    pub view6: &'static [u8; MAX_LISTEN],
+}
+
+/// A load-time global's value, read through `read_volatile` so the
+/// compiler cannot fold its zero initialiser (the verifier knows the
+/// loaded value: frozen `.rodata`).
+#[inline(always)]
+pub fn global<T: Copy>(g: &T) -> T {
+    unsafe { core::ptr::read_volatile(g) }
 }
 
 /// Everything later steps need to know about an eligible query.
@@ -75,6 +84,8 @@ pub struct Query {
     pub qclass: u16,
     /// [`localdns_common::qname_hash`] of the lower-cased qname.
     pub hash: u64,
+    /// [`localdns_common::KeyFields::word`] of the query.
+    pub key: u64,
     /// One's-complement partial sum of the qname as sent.
     pub q_sum: u64,
     /// One's-complement partial sum of QTYPE and QCLASS at their offset.
@@ -100,8 +111,8 @@ pub fn l4<P: Packet, const V6: bool>(
         let d1 = ld64(unsafe { ip.add(32) });
         let mut view = 0xff;
         for i in 0..MAX_LISTEN {
-            if d0 == l.v6[2 * i] && d1 == l.v6[2 * i + 1] {
-                view = l.view6[i];
+            if d0 == global(&l.v6[2 * i]) && d1 == global(&l.v6[2 * i + 1]) {
+                view = global(&l.view6[i]);
             }
         }
         // The stack drops unspecified and multicast sources: so do we (a
@@ -121,8 +132,8 @@ pub fn l4<P: Packet, const V6: bool>(
         let daddr = unsafe { (ip.add(16) as *const u32).read_unaligned() };
         let mut view = 0xff;
         for i in 0..MAX_LISTEN {
-            if daddr == l.v4[i] {
-                view = l.view4[i];
+            if daddr == global(&l.v4[i]) {
+                view = global(&l.view4[i]);
             }
         }
         let tot = be16(unsafe { ip.add(2) }) as usize;
@@ -368,6 +379,7 @@ pub fn parse<P: Packet, const V6: bool>(
         qtype,
         qclass,
         hash,
+        key: key_word(qtype, qclass, qlen as u8, view, kflags),
         q_sum,
         qt_sum,
     })

@@ -130,7 +130,7 @@ impl Rig {
         }
         let e = Entry::from_upstream(&q, resp, 3600, 3600, mono_ns() - age_ns).unwrap();
         let key = Key::of(view_of(dst), &q);
-        let mut v = encode::value(&e).unwrap();
+        let mut v = encode::value(&key, &e).unwrap();
         v.head.stat = TEST_SLOT;
         self.cache.insert(&encode::key(&key, SEED), &v).unwrap();
         e
@@ -828,7 +828,7 @@ fn logged_entries_emit_an_event_per_hit() {
     let pq = parse_query(&q).unwrap();
     let key = Key::of(localdns_common::VIEW_KUBE, &pq);
     let e = Entry::from_upstream(&pq, &replies::a2(&q), 3600, 0, mono_ns()).unwrap();
-    let mut v = encode::value(&e).unwrap();
+    let mut v = encode::value(&key, &e).unwrap();
     // Not logged: no event.
     rig.cache.insert(&encode::key(&key, SEED), &v).unwrap();
     let frame = udp_to(KUBE, 53).build(&q);
@@ -876,7 +876,7 @@ fn prefetch_window_reports_an_entry_once() {
     let pq = parse_query(&q).unwrap();
     let key = Key::of(localdns_common::VIEW_KUBE, &pq);
     let e = Entry::from_upstream(&pq, &replies::a2(&q), 3600, 0, mono_ns()).unwrap();
-    let mut v = encode::value(&e).unwrap();
+    let mut v = encode::value(&key, &e).unwrap();
     let bkey = encode::key(&key, SEED);
     let frame = udp_to(KUBE, 53).build(&q);
     // Window far ahead: hits answer, nothing is counted or reported.
@@ -995,14 +995,67 @@ fn collision_on_hash_passes() {
     // Plant the other name's value under this name's key, as a 64-bit hash
     // collision would.
     let key = Key::of(localdns_common::VIEW_VNET, &parse_query(&q).unwrap());
+    let okey = Key::of(localdns_common::VIEW_VNET, &parse_query(&other).unwrap());
     rig.cache
-        .insert(&encode::key(&key, SEED), &encode::value(&e).unwrap())
+        .insert(&encode::key(&key, SEED), &encode::value(&okey, &e).unwrap())
         .unwrap();
     let before = rig.stat(STAT_PASS_COLLISION);
     let frame = udp_to(VNET, 53).build(&q);
     let (rc, out) = rig.run("xdp", &frame);
     assert_eq!((rc, out == frame), (XDP_PASS, true));
     assert_eq!(rig.stat(STAT_PASS_COLLISION), before + 1);
+}
+
+/// The map key is only a hash of the name and the key fields: an entry for
+/// the same name but another type, view or set of flags found under a
+/// query's key (a collision) is passed too, by the fields stored in the
+/// value.
+#[test]
+fn collision_on_key_fields_passes() {
+    let mut rig = Rig::new();
+    let q = dns_query(1, "www.example.test", 1, 0x0100, None);
+    let key = Key::of(localdns_common::VIEW_VNET, &parse_query(&q).unwrap());
+    let frame = udp_to(VNET, 53).build(&q);
+    let edns = QEdns {
+        udp_size: 1232,
+        do_bit: true,
+        options: vec![],
+    };
+    let others = [
+        (dns_query(1, "www.example.test", 28, 0x0100, None), VNET),
+        (dns_query(1, "www.example.test", 1, 0x0100, None), KUBE),
+        (
+            dns_query(1, "www.example.test", 1, 0x0100, Some(&edns)),
+            VNET,
+        ),
+        (dns_query(1, "www.example.test", 1, 0x0110, None), VNET),
+    ];
+    for (other, dst) in others {
+        let po = parse_query(&other).unwrap();
+        let okey = Key::of(view_of(dst.into()), &po);
+        assert_ne!(okey, key);
+        let e = Entry::from_upstream(&po, &replies::a2(&other), 3600, 0, mono_ns()).unwrap();
+        rig.cache
+            .insert(&encode::key(&key, SEED), &encode::value(&okey, &e).unwrap())
+            .unwrap();
+        let before = rig.stat(STAT_PASS_COLLISION);
+        let (rc, out) = rig.run("xdp", &frame);
+        assert_eq!((rc, out == frame), (XDP_PASS, true), "{okey:?}");
+        assert_eq!(rig.stat(STAT_PASS_COLLISION), before + 1, "{okey:?}");
+    }
+    // The right entry under the key answers.
+    let e = Entry::from_upstream(
+        &parse_query(&q).unwrap(),
+        &replies::a2(&q),
+        3600,
+        0,
+        mono_ns(),
+    )
+    .unwrap();
+    rig.cache
+        .insert(&encode::key(&key, SEED), &encode::value(&key, &e).unwrap())
+        .unwrap();
+    assert_eq!(rig.run("xdp", &frame).0, XDP_TX);
 }
 
 /// Cost of a fresh hit in BPF_PROG_TEST_RUN, step by step (not asserted:
@@ -1211,7 +1264,7 @@ fn torn_reads_are_never_sent() {
                 let pq = parse_query(q).unwrap();
                 let e = Entry::from_upstream(&pq, r, 3600, 0, mono_ns()).unwrap();
                 let key = Key::of(view_of(VNET.into()), &pq);
-                let mut v = encode::value(&e).unwrap();
+                let mut v = encode::value(&key, &e).unwrap();
                 v.head.generation = generation;
                 (encode::key(&key, SEED), v)
             };

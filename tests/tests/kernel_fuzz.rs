@@ -431,7 +431,7 @@ fn a_million_frames_never_get_a_reply_the_daemon_would_not_send() {
         let e = Entry::from_upstream(&pq, &(s.resp)(&q), 3600, 3600, mono_ns()).unwrap();
         let key = Key::of(view_of(s.dst).unwrap(), &pq);
         rig.cache
-            .insert(&encode::key(&key, SEED), &encode::value(&e).unwrap())
+            .insert(&encode::key(&key, SEED), &encode::value(&key, &e).unwrap())
             .unwrap();
         cache.insert(key, e);
     }

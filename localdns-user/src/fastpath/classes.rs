@@ -1,5 +1,5 @@
 //! The kernel cache as two maps, one per size class: `LDNS_CACHE` holds
-//! the entries that fit 256 bytes ([`SmallValue`]), `LDNS_CACHE_BIG` the
+//! the entries that fit 264 bytes ([`SmallValue`]), `LDNS_CACHE_BIG` the
 //! rest ([`CacheValue`]). An entry lives in exactly one of them: writing it
 //! to one removes it from the other, so the program (which looks in the
 //! small map first) never serves an older copy from the other class.

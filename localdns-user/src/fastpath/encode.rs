@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use localdns_common::{
-    CacheKey, CacheValue, DATA_LEN, MAX_QNAME, MAX_REPLY, MAX_TAIL, MAX_TTLS, csum_fold, name_span,
-    qname_hash,
+    CacheKey, CacheValue, DATA_LEN, KeyFields, MAX_KERNEL_TTL, MAX_QNAME, MAX_REPLY, MAX_TAIL,
+    MAX_TTLS, csum_fold, key_hash, name_span, qname_hash,
 };
 use thiserror::Error;
 
@@ -25,22 +25,29 @@ fn not(why: &'static str) -> EncodeError {
     EncodeError::NotForKernel { why }
 }
 
-/// The kernel's key for `key` with the maps' hash seed.
-pub fn key(key: &Key, seed: u64) -> CacheKey {
-    CacheKey {
-        qname_hash: qname_hash(seed, &key.qname),
+/// What of `key` besides the name the kernel compares (names longer than
+/// [`MAX_QNAME`] never reach the kernel: [`value`] refuses them).
+fn fields(key: &Key) -> KeyFields {
+    KeyFields {
         qtype: key.qtype,
         qclass: key.qclass,
-        qname_len: key.qname.len() as u8,
+        qname_len: key.qname.len().min(MAX_QNAME) as u8,
         view: key.view,
         flags: key.flags,
         _pad: 0,
     }
 }
 
-/// The kernel's value for `entry`, generation 0: the
+/// The kernel's key for `key` with the maps' hash seed.
+pub fn key(key: &Key, seed: u64) -> CacheKey {
+    CacheKey {
+        hash: key_hash(qname_hash(seed, &key.qname), fields(key).word()),
+    }
+}
+
+/// The kernel's value for `entry` under `key`, generation 0: the
 /// writer stamps it with [`Generations::next`].
-pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
+pub fn value(key: &Key, entry: &Entry) -> Result<CacheValue, EncodeError> {
     if entry.tail.len() < 8 || entry.tail.len() > MAX_TAIL {
         return Err(not("reply too large for the kernel"));
     }
@@ -57,9 +64,14 @@ pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
     if reply_len > MAX_REPLY {
         return Err(not("reply over 1232 bytes"));
     }
+    // The program refuses longer TTLs (its age arithmetic's range); the
+    // 7-day cacheDurationInSeconds limit keeps every entry under it.
+    if entry.ttl > MAX_KERNEL_TTL {
+        return Err(not("TTL over 1,000,000 s"));
+    }
     let mut v = CacheValue::zeroed();
+    v.head.key = fields(key);
     v.head.insert_ns = entry.insert_ns;
-    v.head.expire_ns = entry.expire_ns;
     v.head.ttl = entry.ttl;
     v.head.flags_be = u16::from_ne_bytes(entry.flags.to_be_bytes());
     for (i, c) in entry.counts.iter().enumerate() {
@@ -76,7 +88,6 @@ pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
             v.head.ttl_odd += 1;
         }
     }
-    v.head.qname_len = qlen as u16;
     v.data[..qlen].copy_from_slice(&entry.qname);
     let at = name_span(qlen);
     v.data[at..at + entry.tail.len()].copy_from_slice(&entry.tail);
@@ -100,20 +111,16 @@ pub fn value(entry: &Entry) -> Result<CacheValue, EncodeError> {
 /// could have produced with `seed` (then it is not adopted). The stale
 /// window is the caller's (it depends on the zone); it is set to expiry.
 pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
-    let qlen = v.head.qname_len as usize;
+    let f = v.head.key;
+    let qlen = f.qname_len as usize;
     let tail_len = v.head.tail_len as usize;
     let ttls = v.head.ttl_count as usize;
-    if qlen == 0
-        || qlen > MAX_QNAME
-        || qlen != k.qname_len as usize
-        || tail_len > MAX_TAIL
-        || name_span(qlen) + tail_len > DATA_LEN
-        || ttls > MAX_TTLS
+    if qlen == 0 || tail_len > MAX_TAIL || name_span(qlen) + tail_len > DATA_LEN || ttls > MAX_TTLS
     {
         return None;
     }
     let qname = v.data[..qlen].to_vec();
-    if qname_hash(seed, &qname) != k.qname_hash {
+    if key_hash(qname_hash(seed, &qname), f.word()) != k.hash {
         return None;
     }
     let tail = v.tail().to_vec();
@@ -123,10 +130,10 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
     }
     let flags = u16::from_be_bytes(v.head.flags_be.to_ne_bytes());
     let key = Key {
-        view: k.view,
-        flags: k.flags,
-        qtype: k.qtype,
-        qclass: k.qclass,
+        view: f.view,
+        flags: f.flags,
+        qtype: f.qtype,
+        qclass: f.qclass,
         qname: qname.clone().into_boxed_slice(),
     };
     let entry = Entry {
@@ -140,13 +147,14 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
         ttl_offsets,
         ttl: v.head.ttl,
         insert_ns: v.head.insert_ns,
-        expire_ns: v.head.expire_ns,
-        stale_until_ns: v.head.expire_ns,
+        expire_ns: v.head.insert_ns + u64::from(v.head.ttl) * 1_000_000_000,
+        stale_until_ns: v.head.insert_ns + u64::from(v.head.ttl) * 1_000_000_000,
         rcode: (flags & 0xf) as u8,
         kernel_put: Default::default(),
     };
     // Only what this daemon would have written itself.
-    (value(&entry).ok()?.head.csum_partial == v.head.csum_partial).then_some((key, entry))
+    let again = value(&key, &entry).ok()?;
+    (again.head.csum_partial == v.head.csum_partial && again.head.key == f).then_some((key, entry))
 }
 
 /// One's-complement sum (unfolded) of `b` as native-loaded 16-bit words.
@@ -207,8 +215,8 @@ mod tests {
         for name in ["a.test", "ab.test", "Mixed.Case.example"] {
             let raw = query(name, 1, Some((1232, true)));
             let q = parse_query(&raw).unwrap();
-            let (_, e) = entry(name, true);
-            let v = value(&e).unwrap();
+            let (k, e) = entry(name, true);
+            let v = value(&k, &e).unwrap();
             let out = e.render(&raw, &q, 0, 4096).unwrap();
             let mut z = out.clone();
             z[0..4].fill(0);
@@ -229,7 +237,7 @@ mod tests {
     #[test]
     fn decode_inverts_encode_and_refuses_foreign_values() {
         let (k, e) = entry("www.example.test", true);
-        let v = value(&e).unwrap();
+        let v = value(&k, &e).unwrap();
         let (k2, e2) = decode(&key(&k, 42), &v, 42).unwrap();
         assert_eq!(k2, k);
         assert_eq!(
@@ -244,8 +252,25 @@ mod tests {
         assert!(decode(&key(&k, 42), &v, 43).is_none());
         // A corrupted tail no longer matches its checksum.
         let mut bad = v;
-        bad.data[name_span(v.head.qname_len as usize) + 20] ^= 0xff;
+        bad.data[name_span(v.head.key.qname_len as usize) + 20] ^= 0xff;
         assert!(decode(&key(&k, 42), &bad, 42).is_none());
+        // Fields that do not hash to the map key (another type's entry
+        // under this key): not adopted.
+        let mut other = v;
+        other.head.key.qtype = 28;
+        assert!(decode(&key(&k, 42), &other, 42).is_none());
+    }
+
+    #[test]
+    fn ttl_past_the_kernel_range_stays_in_userspace() {
+        let raw = query("a.test", 1, None);
+        let q = parse_query(&raw).unwrap();
+        for (ttl, kernel) in [(MAX_KERNEL_TTL, true), (MAX_KERNEL_TTL + 1, false)] {
+            let resp = crate::cache::tests::reply_a(&raw, &[(ttl, [10, 0, 0, 1])]);
+            let e = Entry::from_upstream(&q, &resp, u32::MAX, 0, 0).unwrap();
+            assert_eq!(e.ttl, ttl);
+            assert_eq!(value(&Key::of(0, &q), &e).is_ok(), kernel, "{ttl}");
+        }
     }
 
     #[test]
@@ -255,7 +280,7 @@ mod tests {
         let recs: Vec<_> = (0..80).map(|i| (60, [10, 0, 0, i as u8])).collect();
         let resp = crate::cache::tests::reply_a(&raw, &recs);
         let e = Entry::from_upstream(&q, &resp, 3600, 0, 0).unwrap();
-        assert!(value(&e).is_err());
+        assert!(value(&Key::of(0, &q), &e).is_err());
     }
 
     #[test]

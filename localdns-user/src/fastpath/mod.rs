@@ -369,7 +369,7 @@ impl Fastpath {
     pub fn put(&self, key: &Key, entry: &Entry, log: bool, stat: u16) {
         let bkey = encode::key(key, self.seed);
         let mut map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match encode::value(entry) {
+        match encode::value(key, entry) {
             Ok(mut v) => {
                 v.head.log = u8::from(log);
                 v.head.stat = stat;

@@ -494,7 +494,7 @@ pub(crate) fn prog_test_run_ns() -> Value {
         cache
             .insert(
                 &localdns_user::fastpath::encode::key(&key, seed),
-                &localdns_user::fastpath::encode::value(&e).unwrap(),
+                &localdns_user::fastpath::encode::value(&key, &e).unwrap(),
             )
             .unwrap();
         ebpf
