@@ -13,7 +13,7 @@
 ///
 /// - purpose: cached DNS responses the kernel may serve without the daemon,
 ///   those that fit 264 bytes ([`CacheValue::compact`]: name up to 80
-///   bytes, tail up to 96, up to 8 records): nearly all of them
+///   bytes, tail up to 88, up to 8 records): nearly all of them
 /// - key: [`CacheKey`]; value: [`SmallValue`]
 /// - writer: `localdns-user` (after each cacheable upstream answer; deletes on
 ///   expiry/flush; an entry lives in exactly one of the two cache maps);
@@ -281,9 +281,9 @@ pub const fn name_span(qname_len: usize) -> usize {
     (qname_len + 7) & !7
 }
 
-/// The first 64 bytes (one cache line) of every cache value, both size
-/// classes: everything a hit reads besides the TTL offsets, the name and
-/// the tail.
+/// The 64 bytes after [`VALUE_HEAD_OFF`] of every cache value, both size
+/// classes (one cache line of the kernel's element): everything a hit
+/// reads besides the TTL offsets, the name and the tail.
 ///
 /// Reply = header (query ID, `flags_be` with the query's RD bit, counts) +
 /// the query's question bytes + the tail with every TTL field at
@@ -292,11 +292,12 @@ pub const fn name_span(qname_len: usize) -> usize {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryHead {
     /// Generation: a number the daemon never writes twice (strictly
-    /// increasing, from `CLOCK_MONOTONIC`). First in the value so a copy
-    /// into a reused element changes it before the rest. The program reads
-    /// it before and after copying the entry into a reply; a difference
-    /// means the element was reused meanwhile (preallocated elements are
-    /// recycled at once) and the reply is abandoned.
+    /// increasing, from `CLOCK_MONOTONIC`). First in the head, at the start
+    /// of a cache line of the element, so a copy into a reused element
+    /// changes it before the rest. The program reads it before and after
+    /// copying the entry into a reply; a difference means the element was
+    /// reused meanwhile (preallocated elements are recycled at once) and
+    /// the reply is abandoned.
     pub generation: u64,
     /// What besides the name the entry answers for: compared with the
     /// query on every hit (the map key is only their hash). After
@@ -352,6 +353,8 @@ const _: () = assert!(core::mem::offset_of!(EntryHead, key) == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct CacheValue {
+    /// Unused, zero: see [`VALUE_HEAD_OFF`].
+    pub _lead: u64,
     pub head: EntryHead,
     /// Offsets of TTL fields from the start of the tail, host byte order.
     pub ttl_off: [u16; MAX_TTLS],
@@ -362,9 +365,19 @@ pub struct CacheValue {
     /// authority and additional sections (OPT included) as sent. Zero after.
     pub data: [u8; DATA_LEN],
 }
-const _: () = assert!(core::mem::size_of::<CacheValue>() == 1600);
-const _: () = assert!(core::mem::offset_of!(CacheValue, head) == 0);
-const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 120);
+const _: () = assert!(core::mem::size_of::<CacheValue>() == 1608);
+const _: () = assert!(core::mem::offset_of!(CacheValue, head) == VALUE_HEAD_OFF);
+const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 128);
+
+/// Where the head starts in every value. The kernel's hash element is a
+/// 48-byte header, the 8-byte key, then the value: 8 bytes of lead put
+/// the head, and its `generation`, at the start of the element's second
+/// cache line (elements are whole lines: 320 and 1,664 bytes). With the
+/// head at the value's start instead (element offset 56), the torn-read
+/// stress test saw about one torn reply in ten runs of a few million: the
+/// kernel's copy of a new value into a reused element did not make the
+/// generation visible before the rest.
+pub const VALUE_HEAD_OFF: usize = 8;
 
 /// TTL fields a [`SmallValue`] holds.
 pub const SMALL_TTLS: usize = 8;
@@ -373,7 +386,7 @@ pub const SMALL_TTLS: usize = 8;
 pub const SMALL_SPAN_MAX: usize = 80;
 /// Longest tail of a [`SmallValue`]: a few A/AAAA records with our OPT
 /// (one A + OPT is 27 bytes, two AAAA + OPT 67).
-pub const SMALL_TAIL_MAX: usize = 96;
+pub const SMALL_TAIL_MAX: usize = 88;
 /// Bytes of [`SmallValue::data`]: name, tail and the 8 spare bytes a word
 /// read at the largest checked offset needs.
 pub const SMALL_DATA_LEN: usize = SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8;
@@ -381,12 +394,13 @@ pub const SMALL_DATA_LEN: usize = SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8;
 /// Value of [`MAP_CACHE`]: the same entry as a [`CacheValue`] in 264 bytes,
 /// for the common small answers. With the kernel's 48-byte element header
 /// and the 8-byte key an element is 320 bytes, five cache lines: the key
-/// and `generation` in the first, the rest of the head in the second,
-/// `ttl_off`, the name and the tail in the next ones; 20,000 entries take
-/// 6 MiB of elements instead of 33.
+/// in the first, the head in the second, `ttl_off`, the name and the tail
+/// in the next ones; 20,000 entries take 6 MiB of elements instead of 33.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SmallValue {
+    /// Unused, zero: see [`VALUE_HEAD_OFF`].
+    pub _lead: u64,
     pub head: EntryHead,
     /// As [`CacheValue::ttl_off`], at most [`SMALL_TTLS`].
     pub ttl_off: [u16; SMALL_TTLS],
@@ -395,9 +409,10 @@ pub struct SmallValue {
     pub data: [u8; SMALL_DATA_LEN],
 }
 const _: () = assert!(core::mem::size_of::<SmallValue>() == 264);
-const _: () = assert!(core::mem::offset_of!(SmallValue, head) == 0);
+const _: () = assert!(core::mem::offset_of!(SmallValue, head) == VALUE_HEAD_OFF);
 
-/// What the program needs of either size class: the head at offset 0,
+/// What the program needs of either size class: the head at
+/// [`VALUE_HEAD_OFF`],
 /// and where the TTL offsets and data are, with the bounds of the class.
 /// Offsets into `data` the program reads are checked against `SPAN_MAX`
 /// and `TAIL_MAX` separately, so `SPAN_MAX + TAIL_MAX + 8` must fit.
@@ -454,6 +469,7 @@ const _: () = assert!(SMALL_SPAN_MAX.is_multiple_of(8) && SMALL_TAIL_MAX.is_mult
 impl CacheValue {
     pub const fn zeroed() -> Self {
         Self {
+            _lead: 0,
             head: EntryHead {
                 generation: 0,
                 key: KeyFields {
@@ -507,6 +523,7 @@ impl CacheValue {
             return None;
         }
         let mut s = SmallValue {
+            _lead: 0,
             head: *h,
             ttl_off: [0; SMALL_TTLS],
             data: [0; SMALL_DATA_LEN],
@@ -786,7 +803,7 @@ mod tests {
 
     #[test]
     fn small_class_round_trips_what_fits() {
-        for (qlen, tail, ttls) in [(1, 8, 0), (17, 27, 1), (80, 96, 8), (73, 96, 8)] {
+        for (qlen, tail, ttls) in [(1, 8, 0), (17, 27, 1), (80, 88, 8), (73, 88, 8)] {
             let v = entry(qlen, tail, ttls);
             let s = v.compact().expect("fits the small class");
             let back = s.expand();
@@ -800,8 +817,8 @@ mod tests {
 
     #[test]
     fn big_entries_stay_big() {
-        // Name span 88, tail 97, 9 TTL fields: each alone is one too many.
-        for (qlen, tail, ttls) in [(81, 8, 0), (1, 97, 1), (1, 96, 9), (255, 1216, 28)] {
+        // Name span 88, tail 89, 9 TTL fields: each alone is one too many.
+        for (qlen, tail, ttls) in [(81, 8, 0), (1, 89, 1), (1, 88, 9), (255, 1216, 28)] {
             assert!(
                 entry(qlen, tail, ttls).compact().is_none(),
                 "{qlen}/{tail}/{ttls}"

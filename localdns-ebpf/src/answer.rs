@@ -351,17 +351,23 @@ fn finish_headers<P: Packet, const V6: bool>(
             st64(ip.add(24), a0);
             st64(ip.add(32), a1);
         } else {
-            st16(ip.add(2), ((20 + 8 + dns_len) as u16).to_be());
-            *ip.add(8) = 64; // TTL
-            st16(ip.add(10), 0);
+            // The header checksum from the words as loaded plus the new
+            // fields, all in registers: loading the header again after the
+            // narrower stores below would stall on store forwarding.
+            let tot_len = ((20 + 8 + dns_len) as u16).to_be();
+            let ttl_proto = u16::from_ne_bytes([64, 17]); // TTL 64, UDP
             let (a, b) = (ld32(ip.add(12)), ld32(ip.add(16)));
+            let ip_sum = ld16(ip) as u64
+                + tot_len as u64
+                + ld32(ip.add(4)) as u64
+                + ttl_proto as u64
+                + a as u64
+                + b as u64;
+            st16(ip.add(2), tot_len);
+            st16(ip.add(8), ttl_proto);
+            st16(ip.add(10), !csum_fold(ip_sum));
             st32(ip.add(12), b);
             st32(ip.add(16), a);
-            let mut ip_sum: u64 = 0;
-            for i in 0..5 {
-                ip_sum += ld32(ip.add(i * 4)) as u64;
-            }
-            st16(ip.add(10), !csum_fold(ip_sum));
         }
         let udp = eth.add(o.udp);
         let (sp, dp) = (ld16(udp), ld16(udp.add(2)));
