@@ -75,7 +75,7 @@ pub const MAP_META: &str = "LDNS_META";
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
