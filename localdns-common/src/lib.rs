@@ -346,6 +346,15 @@ pub struct EntryHead {
 const _: () = assert!(core::mem::size_of::<EntryHead>() == 64);
 const _: () = assert!(core::mem::offset_of!(EntryHead, key) == 8);
 
+impl EntryHead {
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds from which the entry is not
+    /// served (`insert_ns` plus the TTL; the program compares the age with
+    /// the TTL instead).
+    pub const fn expire_ns(&self) -> u64 {
+        self.insert_ns + self.ttl as u64 * 1_000_000_000
+    }
+}
+
 /// Value of [`MAP_CACHE_BIG`], and the daemon's working form of every
 /// entry: a response's wire image minus what the kernel takes from the
 /// query (ID, RD bit, question bytes as sent), plus what it needs to

@@ -31,7 +31,7 @@ use localdns_common::{
     LOG_RING_BYTES, LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta,
     STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM,
     STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, Slot, SmallValue, VALUE_HEAD_OFF, big_entries,
-    csum_fold, key_hash,
+    csum_fold,
 };
 
 use answer::Verdict;
@@ -128,9 +128,7 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
     if fault == FAULT_STOP_PARSED {
         return Verdict::Pass(STAT_MISS);
     }
-    let key = CacheKey {
-        hash: key_hash(q.hash, q.key),
-    };
+    let key = CacheKey { hash: q.hash };
     // Small class first: nearly every entry is there.
     if let Some(vp) = LDNS_CACHE.get_ptr_mut(key) {
         return hit::<P, V6, SmallValue>(p, &q, vp, scratch, fault);

@@ -6,8 +6,8 @@
 
 use localdns_common::{
     KEY_F_CD, KEY_F_DO, KEY_F_EDNS, MAX_LISTEN, MAX_QNAME, PLAIN_UDP_MAX, STAT_NOT_DNS,
-    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, csum_fold, key_word,
-    lower8, qname_hash_step,
+    STAT_PASS_EDNS, STAT_PASS_HEADER, STAT_PASS_IP, STAT_PASS_QNAME, Scratch, csum_fold, key_hash,
+    key_word, lower8, qname_hash_step,
 };
 
 use crate::packet::{Packet, be16, launder, ld16, ld64, opaque, ptr_at, st64};
@@ -82,7 +82,8 @@ pub struct Query {
     pub udp_size: u16,
     pub qtype: u16,
     pub qclass: u16,
-    /// [`localdns_common::qname_hash`] of the lower-cased qname.
+    /// The map key: [`localdns_common::key_hash`] of the lower-cased
+    /// qname and `key`.
     pub hash: u64,
     /// [`localdns_common::KeyFields::word`] of the query.
     pub key: u64,
@@ -368,6 +369,7 @@ pub fn parse<P: Packet, const V6: bool>(
     let kflags = launder(slot, kflags as usize) as u8;
     let client_max = launder(slot, client_max) & 0xffff;
     let udp_size = launder(slot, udp_size as usize) as u16;
+    let key = key_word(qtype, qclass, qlen as u8, view, kflags);
     Ok(Query {
         view,
         kflags,
@@ -378,8 +380,8 @@ pub fn parse<P: Packet, const V6: bool>(
         udp_size,
         qtype,
         qclass,
-        hash,
-        key: key_word(qtype, qclass, qlen as u8, view, kflags),
+        hash: key_hash(hash, key),
+        key,
         q_sum,
         qt_sum,
     })

@@ -823,8 +823,7 @@ fn cache_cmd(op: CacheOp, pin: &Path) -> Result<()> {
             for (_, v) in cache.entries() {
                 let qn = v.qname();
                 let k = v.head.key;
-                let expire_ns = v.head.insert_ns + u64::from(v.head.ttl) * 1_000_000_000;
-                let left = expire_ns.saturating_sub(now) / 1_000_000_000;
+                let left = v.head.expire_ns().saturating_sub(now) / 1_000_000_000;
                 let mut fl = Vec::new();
                 for (b, n) in [(KEY_F_EDNS, "edns"), (KEY_F_DO, "do"), (KEY_F_CD, "cd")] {
                     if k.flags & b != 0 {

@@ -147,8 +147,8 @@ pub fn decode(k: &CacheKey, v: &CacheValue, seed: u64) -> Option<(Key, Entry)> {
         ttl_offsets,
         ttl: v.head.ttl,
         insert_ns: v.head.insert_ns,
-        expire_ns: v.head.insert_ns + u64::from(v.head.ttl) * 1_000_000_000,
-        stale_until_ns: v.head.insert_ns + u64::from(v.head.ttl) * 1_000_000_000,
+        expire_ns: v.head.expire_ns(),
+        stale_until_ns: v.head.expire_ns(),
         rcode: (flags & 0xf) as u8,
         kernel_put: Default::default(),
     };
