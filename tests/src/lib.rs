@@ -9,6 +9,7 @@ pub mod load;
 pub mod msg;
 pub mod netns;
 pub mod profile;
+pub mod reap;
 pub mod topo;
 
 use std::net::IpAddr;

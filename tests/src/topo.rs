@@ -116,6 +116,9 @@ impl Topo {
             crate::is_root(),
             "network namespace tests need root (CI runs as root)"
         );
+        for r in crate::reap::reap_stale_once() {
+            eprintln!("removed a killed run's leftover: {r}");
+        }
         let tag = unique_tag();
         let dir = TempDir::new(&tag);
         let bpffs = BpfFs::new(dir.path.join("bpffs"));

@@ -262,17 +262,26 @@ pub(crate) fn bpf_run() -> (u64, u64) {
     (sum("run_time_ns"), sum("run_cnt"))
 }
 
-/// A kernel counter of the running daemon (`localdns-user cache stats`).
-pub(crate) fn kernel_stat(t: &Topo, name: &str) -> u64 {
+/// The kernel counters of the running daemon (`localdns-user cache
+/// stats`), by name.
+pub(crate) fn kernel_stats(t: &Topo) -> Vec<(String, u64)> {
     let out = Command::new(bin("localdns-user"))
         .args(["cache", "stats", "--pin-path", &t.pin_path()])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| {
+        .filter_map(|l| {
             let (k, v) = l.split_once(':')?;
-            (k.trim() == name).then(|| v.trim().parse().ok())?
+            Some((k.trim().to_string(), v.trim().parse().ok()?))
         })
+        .collect()
+}
+
+/// One kernel counter of the running daemon.
+pub(crate) fn kernel_stat(t: &Topo, name: &str) -> u64 {
+    kernel_stats(t)
+        .into_iter()
+        .find_map(|(k, v)| (k == name).then_some(v))
         .unwrap_or(0)
 }

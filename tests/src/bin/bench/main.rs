@@ -13,11 +13,14 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde_json::json;
 
 mod contenders;
+mod losses;
 mod memlat;
 mod report;
 mod share;
@@ -43,6 +46,7 @@ pub(crate) struct Opts {
 }
 
 pub(crate) fn main() {
+    clean_up_on_signal();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -74,6 +78,15 @@ pub(crate) fn main() {
     let raw = o.out.join("raw").join(&stamp);
     std::fs::create_dir_all(&raw).unwrap();
     let only: Option<&String> = args.iter().find(|a| !a.starts_with("--"));
+    // What killed runs left; a killed bench also left bpf_stats on (only the
+    // bench sets it), which the guard below would keep as "before".
+    let reaped = localdns_tests::reap::reap_stale();
+    for r in &reaped {
+        eprintln!("[bench] removed a killed run's leftover: {r}");
+    }
+    if reaped.iter().any(|r| r.contains("localdns-test-bench-")) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    }
     // Before bpf_stats is switched on: it adds its own cost to every run.
     let test_run = prog_test_run_ns();
     // Before the topology: nothing else of ours running.
@@ -161,11 +174,14 @@ pub(crate) fn main() {
     println!("{md}");
 }
 
-/// Sets a sysctl for the run and restores it on drop, panics included.
+/// Sets a sysctl for the run and restores it on drop, panics included,
+/// and on SIGINT/SIGTERM/SIGHUP ([`clean_up_on_signal`]).
 pub(crate) struct SysctlGuard {
     path: &'static str,
-    before: String,
 }
+
+/// Sysctls set by guards, with the values to put back.
+static SYSCTLS: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
 
 impl SysctlGuard {
     pub(crate) fn set(path: &'static str, value: &str) -> SysctlGuard {
@@ -173,15 +189,77 @@ impl SysctlGuard {
             .unwrap_or_else(|_| "0".into())
             .trim()
             .to_string();
+        SYSCTLS.lock().unwrap().push((path, before));
         let _ = std::fs::write(path, value);
-        SysctlGuard { path, before }
+        SysctlGuard { path }
     }
+}
+
+/// Puts back the sysctls of live guards (all of them when `path` is None).
+fn restore_sysctls(path: Option<&str>) {
+    let mut set = SYSCTLS.lock().unwrap_or_else(|e| e.into_inner());
+    set.retain(|(p, before)| {
+        if path.is_some_and(|q| q != *p) {
+            return true;
+        }
+        let _ = std::fs::write(p, before);
+        false
+    });
 }
 
 impl Drop for SysctlGuard {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.path, &self.before);
+        restore_sysctls(Some(self.path));
     }
+}
+
+/// An interrupted bench (Ctrl-C, a CI timeout's SIGTERM) would leave its
+/// namespaces, the processes in them, the bpffs mount and `bpf_stats_enabled`
+/// behind: the guards' `Drop` does not run on a signal. The signals are
+/// blocked in every thread (children get a clean mask from `Command`) and
+/// one thread waits for them, removes this run's resources and exits.
+fn clean_up_on_signal() {
+    // SAFETY: sigset and pthread_sigmask on a local set, before any other
+    // thread exists.
+    let set = unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    // The main thread may trip over what the cleanup removes: that is not
+    // a failure to report.
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !INTERRUPTED.load(Ordering::Relaxed) {
+            report(info);
+        }
+    }));
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait on the set blocked above.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        INTERRUPTED.store(true, Ordering::Relaxed);
+        eprintln!("[bench] signal {sig}: removing this run's namespaces, processes and mounts");
+        // Twice: the main thread runs on meanwhile and may write a file or
+        // start a process in the first pass's wake.
+        for pass in 0..2 {
+            for r in localdns_tests::reap::reap_run(localdns_tests::reap::own_run()) {
+                eprintln!("[bench] removed {r}");
+            }
+            if pass == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+        }
+        restore_sysctls(None);
+        std::process::exit(128 + sig);
+    });
 }
 
 pub(crate) fn chrono_stamp() -> String {

@@ -88,6 +88,7 @@ pub(crate) fn table(results: &[Value], meta: &Value) -> String {
             .collect::<Vec<_>>()
             .join("; ")
     );
+    s.push_str(&loss_lines(results));
     let live = |kind: Kind, k: &str| {
         results
             .iter()
@@ -113,6 +114,40 @@ pub(crate) fn table(results: &[Value], meta: &Value) -> String {
     }
     s.push_str(&warmset_table(meta));
     s.push_str(&share_line(&meta["share"]));
+    s
+}
+
+/// For each contender that lost queries, per workload: how many, and the
+/// drop counters that grew over those runs (`losses`), so a loss says where
+/// it happened.
+fn loss_lines(results: &[Value]) -> String {
+    let mut s = String::new();
+    for r in results {
+        let phases = [
+            ("W1", num(r, "w1_dnsperf_lost") + num(r, "fixed_lost"), "w1"),
+            ("W2", num(r, "w2_lost"), "w2"),
+            ("W3", num(r, "w3_lost"), "w3"),
+        ];
+        for (label, lost, key) in phases {
+            if lost.is_nan() || lost <= 0.0 {
+                continue;
+            }
+            let grew: Vec<String> = r["loss_counters"][key]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k} +{v}")).collect())
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "\n{} lost {lost:.0} queries in {label} (dnsperf); drop counters over those runs: {}.",
+                r["name"].as_str().unwrap_or(""),
+                if grew.is_empty() {
+                    "none grew".to_string()
+                } else {
+                    grew.join(", ")
+                }
+            );
+        }
+    }
     s
 }
 

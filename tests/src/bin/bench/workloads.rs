@@ -1,6 +1,7 @@
 //! The workloads and their measurement: query files, load generators
 //! (kxdpgun, dnsperf) and what is taken from their output.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::Opts;
 use crate::contenders::{Kind, bpf_run, peak_rss_kib, proc_cpu, start};
+use crate::losses::{self, Counters};
 use crate::topology::{LISTEN, Topo};
 
 /// Runs a load generator in the client netns; returns (stdout, its own CPU
@@ -260,6 +262,8 @@ struct Run<'a> {
     slug: &'static str,
     /// The contender's processes (CPU is read from them).
     pids: Vec<i32>,
+    /// Growth of the drop counters ([`losses`]) over each phase's runs.
+    losses: RefCell<BTreeMap<&'static str, Counters>>,
 }
 
 impl Run<'_> {
@@ -269,6 +273,18 @@ impl Run<'_> {
 
     fn cpu(&self) -> f64 {
         self.pids.iter().map(|&p| proc_cpu(p)).sum()
+    }
+
+    /// Runs `f` (one dnsperf run of `phase`) and adds the growth of the drop
+    /// counters over it to the phase's.
+    fn counted<T>(&self, phase: &'static str, f: impl FnOnce() -> T) -> T {
+        let fastpath = self.slug == Kind::Localdns.slug();
+        let before = losses::read(self.t, fastpath);
+        let out = f();
+        let after = losses::read(self.t, fastpath);
+        let mut all = self.losses.borrow_mut();
+        losses::add_growth(all.entry(phase).or_default(), &before, &after);
+        out
     }
 }
 
@@ -288,6 +304,7 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
         raw,
         slug: k.slug(),
         pids: procs.procs.iter().map(|p| p.pid()).collect(),
+        losses: RefCell::new(BTreeMap::new()),
     };
     let mut r = serde_json::Map::new();
     r.insert("name".into(), json!(k.name()));
@@ -300,6 +317,7 @@ pub(crate) fn measure(k: Kind, t: &Topo, o: &Opts, f: &Files, raw: &Path) -> Val
     if k != Kind::Null {
         w2_w3(&run, &mut r);
     }
+    r.insert("loss_counters".into(), json!(*run.losses.borrow()));
     r.insert(
         "peak_rss_kib".into(),
         json!(run.pids.iter().map(|&p| peak_rss_kib(p)).sum::<u64>()),
@@ -346,12 +364,14 @@ fn w1_saturation(run: &Run, r: &mut serde_json::Map<String, Value>) {
         let (text, ccpu, wall) = generate(t, "kxdpgun", &a, &run.raw(&format!("w1-kxdpgun-{i}")));
         kx.push(kxdpgun_replies(&text));
         kx_cpu.push(ccpu / wall);
-        let (text, ccpu, wall) = generate(
-            t,
-            "dnsperf",
-            &dnsperf_sat(o, &f.hits, false),
-            &run.raw(&format!("w1-dnsperf-{i}")),
-        );
+        let (text, ccpu, wall) = run.counted("w1", || {
+            generate(
+                t,
+                "dnsperf",
+                &dnsperf_sat(o, &f.hits, false),
+                &run.raw(&format!("w1-dnsperf-{i}")),
+            )
+        });
         dp.push(field(&text, "Queries per second:").unwrap_or(0.0));
         dp_lost.push(field(&text, "Queries lost:").unwrap_or(0.0));
         dp_cpu.push(ccpu / wall);
@@ -385,7 +405,9 @@ fn w1_fixed(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (c0, (b0, n0)) = (run.cpu(), bpf_run());
     let mut a = dnsperf_fixed(o.secs, o.fixed_qps, &run.f.hits);
     a.push("-v".into());
-    let (text, _, _) = generate(run.t, "dnsperf", &a, &run.raw("w1-fixed"));
+    let (text, _, _) = run.counted("w1", || {
+        generate(run.t, "dnsperf", &a, &run.raw("w1-fixed"))
+    });
     let (c1, (b1, n1)) = (run.cpu(), bpf_run());
     if n1 > n0 {
         r.insert(
@@ -419,8 +441,10 @@ fn w2_w3(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (t, o) = (run.t, run.o);
     let lines = if o.quick { 200_000 } else { 2_000_000 };
     // One pass over a query file at saturation: (q/s, lost); the file goes.
-    let once = |file: PathBuf, name: String| {
-        let (text, _, _) = generate(t, "dnsperf", &dnsperf_sat(o, &file, true), &run.raw(&name));
+    let once = |file: PathBuf, phase: &'static str, name: String| {
+        let (text, _, _) = run.counted(phase, || {
+            generate(t, "dnsperf", &dnsperf_sat(o, &file, true), &run.raw(&name))
+        });
         let _ = std::fs::remove_file(file);
         (
             field(&text, "Queries per second:").unwrap_or(0.0),
@@ -430,10 +454,18 @@ fn w2_w3(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (mut w2, mut w2l, mut w3, mut w3l) = (vec![], vec![], vec![], vec![]);
     for i in 0..o.runs {
         let tag = format!("{}{i}", run.slug);
-        let (q, l) = once(mix_file(o, &t.dir.path, &tag, lines), format!("w2-{i}"));
+        let (q, l) = once(
+            mix_file(o, &t.dir.path, &tag, lines),
+            "w2",
+            format!("w2-{i}"),
+        );
         w2.push(q);
         w2l.push(l);
-        let (q, l) = once(miss_file(&t.dir.path, &tag, lines / 4), format!("w3-{i}"));
+        let (q, l) = once(
+            miss_file(&t.dir.path, &tag, lines / 4),
+            "w3",
+            format!("w3-{i}"),
+        );
         w3.push(q);
         w3l.push(l);
     }
