@@ -10,6 +10,7 @@ pub mod msg;
 pub mod netns;
 pub mod profile;
 pub mod reap;
+pub mod scrape;
 pub mod topo;
 
 use std::net::IpAddr;

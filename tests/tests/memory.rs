@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use localdns_tests::cgroup::MemCgroup;
 use localdns_tests::load::{Load, Spec, Target};
+use localdns_tests::scrape::{scrape, sum};
 use localdns_tests::topo::{Topo, UPSTREAM_IP, VNET};
 
 const MIB: u64 = 1 << 20;
@@ -23,6 +24,8 @@ fn a_flood_of_unique_names_stays_inside_128_mib() {
         UPSTREAM_IP,
         "--cluster-dns",
         UPSTREAM_IP,
+        "--metrics",
+        "169.254.100.1:9253",
     ];
     t.daemon = Some(t.spawn_daemon_with(&args, "daemon.log", |c| cg.enter_on_spawn(c)));
     let start = cg.usage();
@@ -47,19 +50,32 @@ fn a_flood_of_unique_names_stays_inside_128_mib() {
     let report = Load::start(&t.pod, spec).finish();
     let unique = report.sent(|i| i < 9);
     let failed = report.failed(|_| true).len();
-    let peak = cg.peak();
-    let alive = t.daemon_alive();
+    let (peak, now) = (cg.peak(), cg.usage());
+    assert!(t.daemon_alive(), "daemon died:\n{}", t.daemon_log());
+    // Memory per userspace cache entry: what the cgroup grew by since
+    // ready (the kernel maps are preallocated before it: their memory is
+    // in `start`), over the entries the daemon holds now.
+    let m = scrape(&t.pod, "http://169.254.100.1:9253/metrics");
+    let entries = sum(&m, "coredns_cache_entries", &[]);
+    let kernel = sum(&m, "localdns_kernel_cache_entries", &[]);
+    let per_entry = now.saturating_sub(start) as f64 / entries;
     eprintln!(
-        "memory: {unique} unique names, {failed} failed of {}; cgroup usage at ready {:.1} MiB, peak {:.1} MiB of {} MiB; OOM kills {}",
+        "memory: {unique} unique names, {failed} failed of {}; cgroup usage at ready {:.1} MiB, peak {:.1} MiB of {} MiB, now {:.1} MiB with {entries} userspace cache entries ({per_entry:.0} bytes each since ready) and {kernel} kernel entries; OOM kills {}",
         report.outcomes.len(),
         start as f64 / MIB as f64,
         peak as f64 / MIB as f64,
         LIMIT / MIB,
+        now as f64 / MIB as f64,
         cg.oom_kills()
     );
-    assert!(alive, "daemon died:\n{}", t.daemon_log());
     assert_eq!(cg.oom_kills(), 0);
     assert!(unique >= 150_000, "only {unique} unique names sent");
+    // The default cache is full (30,000 answers, of 157,500 names).
+    assert!(entries >= 25_000.0, "{entries} userspace entries");
+    assert!(
+        per_entry < 2048.0,
+        "{per_entry:.0} bytes per userspace entry"
+    );
     assert!(
         peak <= LIMIT * 3 / 4,
         "peak {:.1} MiB over three quarters of the limit",

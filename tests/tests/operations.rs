@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 
 use localdns_tests::client::{Opts, Tool, ask};
 use localdns_tests::netns::{Netns, Proc, wait_for};
+use localdns_tests::scrape::{PYTHON, scrape, sum};
 use localdns_tests::topo::{
     DUAL_STACK, KUBE, KUBE6, POD_IP, POD_IP6, Topo, UPSTREAM_IP, VNET, VNET6, daemon_bin,
 };
-
-/// Debian's Python with python3-prometheus-client (not a pyenv shim).
-const PYTHON: &str = "/usr/bin/python3";
 
 /// GET `url` from inside `ns`: (status, body).
 fn http_get(ns: &Netns, url: &str) -> (u16, String) {
@@ -29,40 +27,6 @@ except urllib.error.HTTPError as e:
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     let (code, body) = text.split_once('\n').unwrap_or(("0", ""));
     (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-/// Scrapes `url` and parses it with prometheus_client's OpenMetrics parser;
-/// returns `name{labels} value` lines of the samples (labels sorted).
-fn scrape(ns: &Netns, url: &str) -> Vec<String> {
-    let script = r#"
-import sys, urllib.request
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
-for fam in text_string_to_metric_families(text):
-    for s in fam.samples:
-        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-        print(f"{s.name}{{{labels}}} {s.value}")
-"#;
-    let o = ns.output(PYTHON, &["-c", script, url]);
-    assert!(
-        o.status.success(),
-        "scrape did not parse: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-/// Sum of the samples named `name` whose labels contain every `want`.
-fn sum(samples: &[String], name: &str, want: &[&str]) -> f64 {
-    samples
-        .iter()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| want.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
