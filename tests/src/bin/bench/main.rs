@@ -53,6 +53,9 @@ pub(crate) fn main() {
         .parent()
         .unwrap()
         .to_path_buf();
+    if let Some(dir) = args.iter().find_map(|a| a.strip_prefix("--report=")) {
+        return report_again(&repo, dir);
+    }
     let stamp = chrono_stamp();
     let out = if quick {
         repo.join("target/bench-quick")
@@ -144,6 +147,7 @@ pub(crate) fn main() {
         "runs": o.runs, "secs": o.secs, "fixed_qps": o.fixed_qps, "names": o.names,
         "elapsed_s": started.elapsed().as_secs(),
         "raw_dir": raw.strip_prefix(&repo).unwrap_or(&raw).display().to_string(),
+        "only": only,
     });
     let mut meta = meta;
     meta["prog_test_run_ns"] = test_run;
@@ -157,21 +161,51 @@ pub(crate) fn main() {
         serde_json::to_string_pretty(&doc).unwrap(),
     )
     .unwrap();
-    let md = table(&results, &meta);
+    drop(t);
+    publish(
+        &doc,
+        &o.out,
+        (!quick && only.is_none()).then(|| repo.join("README.md")),
+    );
+}
+
+/// Writes the report of one run (`results.json`'s document): `latest.md`
+/// and the plots under `out`, and the README's table when `readme` is
+/// given.
+fn publish(doc: &serde_json::Value, out: &std::path::Path, readme: Option<PathBuf>) {
+    let (meta, results) = (&doc["meta"], doc["results"].as_array().unwrap());
+    let md = table(results, meta);
     let md = format!(
         "{md}\nRaw outputs and results.json: `{}`.\n",
         meta["raw_dir"].as_str().unwrap()
     );
-    std::fs::write(o.out.join("latest.md"), &md).unwrap();
-    std::fs::write(o.out.join("latest.svg"), plot(&results)).unwrap();
-    if !sweep.is_empty() {
-        std::fs::write(o.out.join("warmset.svg"), plot_warmset(&sweep)).unwrap();
+    std::fs::write(out.join("latest.md"), &md).unwrap();
+    std::fs::write(out.join("latest.svg"), plot(results)).unwrap();
+    if let Some(sweep) = meta["warmset"].as_array().filter(|s| !s.is_empty()) {
+        std::fs::write(out.join("warmset.svg"), plot_warmset(sweep)).unwrap();
     }
-    if !quick && only.is_none() {
-        update_readme(&repo.join("README.md"), &md);
+    if let Some(readme) = readme {
+        update_readme(&readme, &md);
     }
-    drop(t);
     println!("{md}");
+}
+
+/// `bench --report=<raw dir>`: the report of a finished run again, from its
+/// `results.json` (after a change to the report's format). A full run's
+/// report goes to docs/bench and the README, a quick one's under target/.
+fn report_again(repo: &std::path::Path, dir: &str) {
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(dir).join("results.json"))
+            .unwrap_or_else(|e| panic!("{dir}/results.json: {e}")),
+    )
+    .unwrap_or_else(|e| panic!("{dir}/results.json: {e}"));
+    let full = doc["meta"]["command"] == "cargo xtask bench" && doc["meta"]["only"].is_null();
+    let out = repo.join(if full {
+        "docs/bench"
+    } else {
+        "target/bench-quick"
+    });
+    publish(&doc, &out, full.then(|| repo.join("README.md")));
 }
 
 /// Sets a sysctl for the run and restores it on drop, panics included,

@@ -117,11 +117,11 @@ pub(crate) fn table(results: &[Value], meta: &Value) -> String {
     s
 }
 
-/// For each contender that lost queries, per workload: how many, and the
+/// For each contender and workload that lost queries: how many, and the
 /// drop counters that grew over those runs (`losses`), so a loss says where
 /// it happened.
 fn loss_lines(results: &[Value]) -> String {
-    let mut s = String::new();
+    let mut rows = String::new();
     for r in results {
         let phases = [
             ("W1", num(r, "w1_dnsperf_lost") + num(r, "fixed_lost"), "w1"),
@@ -137,18 +137,23 @@ fn loss_lines(results: &[Value]) -> String {
                 .map(|m| m.iter().map(|(k, v)| format!("{k} +{v}")).collect())
                 .unwrap_or_default();
             let _ = writeln!(
-                s,
-                "\n{} lost {lost:.0} queries in {label} (dnsperf); drop counters over those runs: {}.",
+                rows,
+                "| {} | {label} | {lost:.0} | {} |",
                 r["name"].as_str().unwrap_or(""),
                 if grew.is_empty() {
-                    "none grew".to_string()
+                    "none".to_string()
                 } else {
                     grew.join(", ")
                 }
             );
         }
     }
-    s
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "\nWhere the lost queries went (dnsperf runs; drop counters that grew over them, read in the client and node netns; `loss_counters` in results.json):\n\n| contender | workload | lost | counters that grew |\n|---|---|---|---|\n{rows}"
+    )
 }
 
 /// Per-hit BPF cost against the warm set, localdns and the null responder.
