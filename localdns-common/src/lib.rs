@@ -433,6 +433,12 @@ pub trait Slot {
     /// Longest tail.
     const TAIL_MAX: usize;
     fn head(&self) -> &EntryHead;
+    /// The head of the value at `p`, for the program's one write to it
+    /// (the prefetch hit count).
+    ///
+    /// # Safety
+    /// `p` points to a value of this class (a map lookup's result).
+    unsafe fn head_ptr(p: *mut Self) -> *mut EntryHead;
     fn ttl_off_ptr(&self) -> *const u16;
     fn data_ptr(&self) -> *const u8;
 }
@@ -447,6 +453,11 @@ macro_rules! impl_slot {
             #[inline(always)]
             fn head(&self) -> &EntryHead {
                 &self.head
+            }
+            #[inline(always)]
+            unsafe fn head_ptr(p: *mut Self) -> *mut EntryHead {
+                // SAFETY: the caller's contract; no reference is made.
+                unsafe { &raw mut (*p).head }
             }
             #[inline(always)]
             fn ttl_off_ptr(&self) -> *const u16 {

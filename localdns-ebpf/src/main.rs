@@ -30,8 +30,7 @@ use localdns_common::{
     FAULT_STOP_CHECKED, FAULT_STOP_LOOKED_UP, FAULT_STOP_PARSED, FAULT_STOP_SUMMED, KEY_F_EDNS,
     LOG_RING_BYTES, LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS, META_NEEDS_ROOM, Meta,
     STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS, STAT_PASS_ERROR, STAT_PASS_ROOM,
-    STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, Slot, SmallValue, VALUE_HEAD_OFF, big_entries,
-    csum_fold,
+    STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, Slot, SmallValue, big_entries, csum_fold,
 };
 
 use answer::Verdict;
@@ -179,9 +178,7 @@ fn hit<P: Packet, const V6: bool, V: Slot>(
         if v.head().log != 0 {
             log_hit::<P, V6>(p, q, now, fresh.dns_len, rflags, EVENT_QUERY);
         }
-        // Every class has its head at VALUE_HEAD_OFF.
-        let head = unsafe { vp.cast::<u8>().add(VALUE_HEAD_OFF) }.cast::<EntryHead>();
-        if prefetch_due(head, now) {
+        if prefetch_due(unsafe { V::head_ptr(vp) }, now) {
             log_hit::<P, V6>(p, q, now, fresh.dns_len, rflags, EVENT_PREFETCH);
         }
     }
