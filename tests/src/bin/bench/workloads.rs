@@ -440,10 +440,12 @@ fn w1_fixed(run: &Run, r: &mut serde_json::Map<String, Value>) {
 fn w2_w3(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (t, o) = (run.t, run.o);
     let lines = if o.quick { 200_000 } else { 2_000_000 };
-    // One pass over a query file at saturation: (q/s, lost); the file goes.
-    let once = |file: PathBuf, phase: &'static str, name: String| {
+    // Run `i` of `phase`: one pass over a query file at saturation; (q/s,
+    // lost); the file goes.
+    let once = |file: PathBuf, phase: &'static str, i: usize| {
+        let raw = run.raw(&format!("{phase}-{i}"));
         let (text, _, _) = run.counted(phase, || {
-            generate(t, "dnsperf", &dnsperf_sat(o, &file, true), &run.raw(&name))
+            generate(t, "dnsperf", &dnsperf_sat(o, &file, true), &raw)
         });
         let _ = std::fs::remove_file(file);
         (
@@ -454,18 +456,10 @@ fn w2_w3(run: &Run, r: &mut serde_json::Map<String, Value>) {
     let (mut w2, mut w2l, mut w3, mut w3l) = (vec![], vec![], vec![], vec![]);
     for i in 0..o.runs {
         let tag = format!("{}{i}", run.slug);
-        let (q, l) = once(
-            mix_file(o, &t.dir.path, &tag, lines),
-            "w2",
-            format!("w2-{i}"),
-        );
+        let (q, l) = once(mix_file(o, &t.dir.path, &tag, lines), "w2", i);
         w2.push(q);
         w2l.push(l);
-        let (q, l) = once(
-            miss_file(&t.dir.path, &tag, lines / 4),
-            "w3",
-            format!("w3-{i}"),
-        );
+        let (q, l) = once(miss_file(&t.dir.path, &tag, lines / 4), "w3", i);
         w3.push(q);
         w3l.push(l);
     }
