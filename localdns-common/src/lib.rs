@@ -70,6 +70,35 @@ pub const MAP_SCRATCH: &str = "LDNS_SCRATCH";
 /// - capacity: 1; eviction: none
 pub const MAP_META: &str = "LDNS_META";
 
+/// Floor-probe map name (BTF array of [`FloorLine`], `BPF_F_MMAPABLE` so
+/// the lines start page-aligned). Benchmark only: the daemon never
+/// attaches the program that reads it.
+///
+/// - purpose: the cheapest conceivable cache lookup, for the benchmark's
+///   floor: the null responder plus [`GLOBAL_FLOOR_LINES`] reads of one
+///   line each at the slot of the query's name, so the bench can measure
+///   what one cold touch of per-name memory costs on the machine, apart
+///   from any cache design
+/// - key: `u32` slot × lines + line; value: [`FloorLine`] (zeroes)
+/// - writer: nobody (zero-filled at creation); reader: the `localdns_floor`
+///   XDP program
+/// - capacity: 1 (an unused 64-byte map) unless loaded for the floor, then
+///   [`FLOOR_SLOTS`] × lines; eviction: none (array)
+pub const MAP_FLOOR: &str = "LDNS_FLOOR";
+/// Slots of [`MAP_FLOOR`] when loaded for the floor: more than the largest
+/// warm set, so names rarely share a slot.
+pub const FLOOR_SLOTS: u32 = 65536;
+/// Global (`u32`): lines read per query by `localdns_floor` (1..=8; 0 in
+/// production, where that program is never loaded).
+pub const GLOBAL_FLOOR_LINES: &str = "LDNS_FLOOR_LINES";
+/// Value of [`MAP_FLOOR`]: one cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct FloorLine {
+    pub words: [u64; 8],
+}
+const _: () = assert!(core::mem::size_of::<FloorLine>() == 64);
+
 /// Version of everything pinned maps share between a running program and a
 /// daemon: key/value layouts, counter indices, key semantics, the hash.
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals

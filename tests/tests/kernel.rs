@@ -959,11 +959,27 @@ fn an_entry_moving_between_size_classes_is_answered_from_its_newest_copy() {
 fn null_responder_turns_queries_around() {
     let g = globals(0);
     let mut ebpf = fastpath::open(&g, 16, None).unwrap();
-    let p: &mut Xdp = ebpf
-        .program_mut("localdns_null")
-        .unwrap()
-        .try_into()
-        .unwrap();
+    turns_queries_around(&mut ebpf, "localdns_null");
+}
+
+/// The benchmark's floor (the null responder after reading per-name
+/// memory) answers exactly as the null responder, with every line count.
+#[test]
+fn floor_turns_queries_around() {
+    let g = globals(0);
+    for lines in [1, 5, 8] {
+        let mut ebpf = fastpath::open_floor(&g, lines).unwrap();
+        let Some(aya::maps::Map::Array(m)) = ebpf.map(localdns_common::MAP_FLOOR) else {
+            panic!("no floor array");
+        };
+        let size = m.info().unwrap().max_entries();
+        assert_eq!(size, localdns_common::FLOOR_SLOTS * lines, "{lines} lines");
+        turns_queries_around(&mut ebpf, "localdns_floor");
+    }
+}
+
+fn turns_queries_around(ebpf: &mut aya::Ebpf, prog: &str) {
+    let p: &mut Xdp = ebpf.program_mut(prog).unwrap().try_into().unwrap();
     p.load().unwrap();
     let q = dns_query(0x4242, "www.example.test", 1, 0x0100, None);
     let frame = udp_to(VNET, 53).build(&q);

@@ -22,10 +22,10 @@ use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
-    GLOBAL_FAULT, GLOBAL_HASH_SEED, GLOBAL_LISTEN4, GLOBAL_LISTEN6, GLOBAL_VIEW4, GLOBAL_VIEW6,
-    LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_CACHE_BIG, MAP_LOG, MAP_META, MAP_STATS, MAX_LISTEN,
-    MAX_STAT_SLOTS, META_MAGIC, Meta, STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED,
-    STAT_ZONE_BASE, big_entries,
+    FLOOR_SLOTS, GLOBAL_FAULT, GLOBAL_FLOOR_LINES, GLOBAL_HASH_SEED, GLOBAL_LISTEN4,
+    GLOBAL_LISTEN6, GLOBAL_VIEW4, GLOBAL_VIEW6, LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_CACHE_BIG,
+    MAP_FLOOR, MAP_LOG, MAP_META, MAP_STATS, MAX_LISTEN, MAX_STAT_SLOTS, META_MAGIC, Meta,
+    STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED, STAT_ZONE_BASE, big_entries,
 };
 use thiserror::Error;
 
@@ -121,6 +121,21 @@ pub struct Globals {
 /// the shared maps taken from (or created at) their pin paths. Programs
 /// are not yet loaded into the kernel.
 pub fn open(g: &Globals, entries: u32, pins: Option<&PinDir>) -> Result<Ebpf, FastpathError> {
+    load_object(g, entries, 0, pins)
+}
+
+/// Benchmark floor only: the object for the `localdns_floor` program, with
+/// [`MAP_FLOOR`] sized for `lines` lines per name (1..=8).
+pub fn open_floor(g: &Globals, lines: u32) -> Result<Ebpf, FastpathError> {
+    load_object(g, 16, lines.clamp(1, 8), None)
+}
+
+fn load_object(
+    g: &Globals,
+    entries: u32,
+    floor_lines: u32,
+    pins: Option<&PinDir>,
+) -> Result<Ebpf, FastpathError> {
     let (mut v4, mut view4) = ([0u32; MAX_LISTEN], [0u8; MAX_LISTEN]);
     let (mut v6, mut view6) = ([0u64; 2 * MAX_LISTEN], [0u8; MAX_LISTEN]);
     let (mut n4, mut n6) = (0, 0);
@@ -154,6 +169,8 @@ pub fn open(g: &Globals, entries: u32, pins: Option<&PinDir>) -> Result<Ebpf, Fa
         .override_global(GLOBAL_VIEW6, &view6, true)
         .override_global(GLOBAL_HASH_SEED, &g.seed, true)
         .override_global(GLOBAL_FAULT, &g.fault, true)
+        .override_global(GLOBAL_FLOOR_LINES, &floor_lines, true)
+        .map_max_entries(MAP_FLOOR, (FLOOR_SLOTS * floor_lines).max(1))
         .map_max_entries(MAP_CACHE, entries)
         .map_max_entries(MAP_CACHE_BIG, big_entries(entries));
     let paths: Vec<(&str, PathBuf)> = pins

@@ -1,7 +1,9 @@
 //! Benchmark ceiling: attaches the `localdns_null` XDP program (which turns
 //! every UDP/53 query to a listener address straight around) to an
-//! interface in generic mode and holds it until SIGTERM/SIGINT.
-//! Usage: null_responder IFACE
+//! interface in generic mode and holds it until SIGTERM/SIGINT. With
+//! `--floor LINES`, the `localdns_floor` program instead: the same, after
+//! reading LINES cache lines of per-name memory (the floor of any cache).
+//! Usage: null_responder IFACE [--floor LINES]
 
 use std::net::Ipv4Addr;
 
@@ -9,9 +11,14 @@ use aya::programs::{Xdp, XdpMode};
 use localdns_user::fastpath;
 
 fn main() {
-    let iface = std::env::args()
-        .nth(1)
-        .expect("usage: null_responder IFACE");
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: null_responder IFACE [--floor LINES]";
+    let iface = args.get(1).expect(usage);
+    let floor: Option<u32> = match args.get(2).map(String::as_str) {
+        None => None,
+        Some("--floor") => Some(args.get(3).and_then(|l| l.parse().ok()).expect(usage)),
+        Some(_) => panic!("{usage}"),
+    };
     let g = fastpath::Globals {
         listen: vec![
             (
@@ -26,15 +33,19 @@ fn main() {
         seed: 0,
         fault: 0,
     };
-    let mut ebpf = fastpath::open(&g, 16, None).expect("open eBPF object");
+    let (ebpf, prog) = match floor {
+        None => (fastpath::open(&g, 16, None), "localdns_null"),
+        Some(lines) => (fastpath::open_floor(&g, lines), "localdns_floor"),
+    };
+    let mut ebpf = ebpf.expect("open eBPF object");
     let p: &mut Xdp = ebpf
-        .program_mut("localdns_null")
+        .program_mut(prog)
         .expect("program")
         .try_into()
         .expect("xdp");
     p.load().expect("load");
-    p.attach(&iface, XdpMode::Skb).expect("attach");
-    println!("null responder attached to {iface}");
+    p.attach(iface, XdpMode::Skb).expect("attach");
+    println!("{prog} attached to {iface}");
     // SAFETY: plain signal-mask calls on this (only) thread.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

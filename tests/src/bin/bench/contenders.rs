@@ -16,6 +16,9 @@ use crate::topology::{LISTEN, Topo, UPSTREAM};
 #[derive(Clone, Copy, PartialEq)]
 pub(crate) enum Kind {
     Null,
+    /// The null responder after one read of per-name memory (warm-set
+    /// sweep only): the least any cache lookup costs here.
+    Floor,
     Localdns,
     LocaldnsNoFastpath,
     Unbound,
@@ -28,6 +31,7 @@ impl Kind {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Null => "null responder (XDP)",
+            Kind::Floor => "null + one line per name (floor)",
             Kind::Localdns => "localdns (kernel fast path)",
             Kind::LocaldnsNoFastpath => "localdns --no-fastpath",
             Kind::Unbound => "Unbound",
@@ -39,6 +43,7 @@ impl Kind {
     pub(crate) fn slug(self) -> &'static str {
         match self {
             Kind::Null => "null",
+            Kind::Floor => "floor",
             Kind::Localdns => "localdns",
             Kind::LocaldnsNoFastpath => "localdns-nofastpath",
             Kind::Unbound => "unbound",
@@ -49,7 +54,7 @@ impl Kind {
     }
     pub(crate) fn version(self) -> String {
         let (cmd, args): (&str, &[&str]) = match self {
-            Kind::Null | Kind::Localdns | Kind::LocaldnsNoFastpath => {
+            Kind::Null | Kind::Floor | Kind::Localdns | Kind::LocaldnsNoFastpath => {
                 return env!("CARGO_PKG_VERSION").to_string();
             }
             Kind::Unbound => ("unbound", &["-V"]),
@@ -118,9 +123,12 @@ pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Running
     let log = |s: &str| d.join(format!("{}-{s}.log", k.slug()));
     let mut procs = Vec::new();
     match k {
-        Kind::Null => {
+        Kind::Null | Kind::Floor => {
             let mut c = t.node.cmd(bin("null_responder").to_str().unwrap());
             c.arg("vcl0");
+            if k == Kind::Floor {
+                c.args(["--floor", "1"]);
+            }
             procs.push(Proc::spawn(c, "null_responder", &log("0")));
         }
         Kind::Localdns | Kind::LocaldnsNoFastpath => {
@@ -184,7 +192,7 @@ pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Running
             procs.push(Proc::spawn(c, "dnsmasq", &log("0")));
         }
     }
-    let probe = if k == Kind::Null {
+    let probe = if matches!(k, Kind::Null | Kind::Floor) {
         None
     } else {
         Some("h1.bench.test")
@@ -249,7 +257,7 @@ pub(crate) fn bpf_run() -> (u64, u64) {
     let ours = |p: &&Value| {
         matches!(
             p["name"].as_str(),
-            Some("localdns_xdp" | "localdns_null" | "localdns_tc")
+            Some("localdns_xdp" | "localdns_null" | "localdns_floor" | "localdns_tc")
         )
     };
     let a = v.as_array().cloned().unwrap_or_default();

@@ -125,7 +125,7 @@ pub(crate) fn main() {
     }
     let (mut sweep, mut share) = (Vec::new(), serde_json::Value::Null);
     if only.is_none_or(|f| f == "localdns" || kernel_only) {
-        for k in [Kind::Null, Kind::Localdns] {
+        for k in [Kind::Null, Kind::Floor, Kind::Localdns] {
             eprintln!("[bench] warm-set sweep: {} ...", k.name());
             sweep.push(warmset::sweep(k, &t, &o, &raw));
         }

@@ -21,6 +21,15 @@ pub(crate) fn fmt_k(x: f64) -> String {
     }
 }
 
+/// `x` with `digits` decimals, or "n/a" (a run without that figure).
+fn or_na(x: f64, digits: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.digits$}")
+    } else {
+        "n/a".into()
+    }
+}
+
 pub(crate) fn lat(v: &Value, k: &str) -> String {
     match v[k].as_array() {
         Some(a) if a.len() == 3 => format!(
@@ -156,39 +165,53 @@ fn loss_lines(results: &[Value]) -> String {
     )
 }
 
-/// Per-hit BPF cost against the warm set, localdns and the null responder.
+/// Per-hit BPF cost against the warm set: localdns, the null responder
+/// and (runs since the floor was added) the floor.
 fn warmset_table(meta: &Value) -> String {
-    let Some(sweep) = meta["warmset"].as_array().filter(|a| a.len() == 2) else {
+    let Some(sweep) = meta["warmset"].as_array() else {
         return String::new();
     };
-    let (null, ours) = (&sweep[0]["rows"], &sweep[1]["rows"]);
+    let find = |k: Kind| {
+        sweep
+            .iter()
+            .find(|v| v["name"] == k.name())
+            .and_then(|v| v["rows"].as_array())
+    };
+    let (Some(null), Some(ours)) = (find(Kind::Null), find(Kind::Localdns)) else {
+        return String::new();
+    };
+    let floor = find(Kind::Floor);
+    let fl = |i: usize, k: &str| floor.and_then(|f| f.get(i)).map_or(f64::NAN, |r| num(r, k));
     let mut s = format!(
-        "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn, then the same set at saturation; medians of {} run(s) of {} s (plot: `docs/bench/warmset.svg`):\n\n| warm names | localdns ns/hit | null ns/packet | × null | saturation: localdns ns/hit | null ns/packet | localdns replies/s | null replies/s | rate × null |\n|---|---|---|---|---|---|---|---|---|\n",
+        "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn, then the same set at saturation; medians of {} run(s) of {} s (plot: `docs/bench/warmset.svg`). The floor is the null responder after one 64-byte read of per-name memory (a page-aligned array, one line per name): the least any cache lookup costs.\n\n| warm names | localdns ns/hit | floor ns/packet | null ns/packet | × null | saturation: localdns ns/hit | floor | null | localdns replies/s | floor replies/s | null replies/s | rate × null | floor rate × null |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         meta["warmset_rate"], meta["runs"], meta["secs"]
     );
-    for (n, o) in null
-        .as_array()
-        .into_iter()
-        .flatten()
-        .zip(ours.as_array().into_iter().flatten())
-    {
+    for (i, (n, o)) in null.iter().zip(ours).enumerate() {
         let (a, b) = (num(o, "bpf_ns_per_run"), num(n, "bpf_ns_per_run"));
         let (ra, rb) = (num(o, "sat_replies_per_s"), num(n, "sat_replies_per_s"));
+        let rf = fl(i, "sat_replies_per_s");
+        let floor_ok = floor
+            .and_then(|f| f.get(i))
+            .is_none_or(|r| r["all_noerror"] == true);
         let _ = writeln!(
             s,
-            "| {}{} | {a:.0} | {b:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} |",
+            "| {}{} | {a:.0} | {} | {b:.0} | {:.1} | {:.0} | {} | {:.0} | {} | {} | {} | {:.2} | {} |",
             o["names"],
-            if o["all_noerror"] == true && n["all_noerror"] == true {
+            if o["all_noerror"] == true && n["all_noerror"] == true && floor_ok {
                 ""
             } else {
                 " (not every query answered NOERROR: see the raw files)"
             },
+            or_na(fl(i, "bpf_ns_per_run"), 0),
             a / b,
             num(o, "sat_bpf_ns_per_run"),
+            or_na(fl(i, "sat_bpf_ns_per_run"), 0),
             num(n, "sat_bpf_ns_per_run"),
             fmt_k(ra),
+            fmt_k(rf),
             fmt_k(rb),
             ra / rb,
+            or_na(rf / rb, 2),
         );
     }
     s.push_str(&memory_latency_line(&meta["memory_latency"]));
@@ -283,7 +306,13 @@ pub(crate) fn plot_warmset(sweep: &[Value]) -> String {
         let y = ymax * f64::from(i) / 4.0;
         let _ = writeln!(s, "<text x=\"8\" y=\"{:.1}\">{y:.0} ns</text>", py(y) + 4.0);
     }
-    for (i, (v, color)) in sweep.iter().zip(["#9dc3e6", "#1f4e79"]).enumerate() {
+    let color = |v: &Value| match v["name"].as_str() {
+        Some(n) if n == Kind::Localdns.name() => "#1f4e79",
+        Some(n) if n == Kind::Floor.name() => "#e07b39",
+        _ => "#9dc3e6",
+    };
+    for (i, v) in sweep.iter().enumerate() {
+        let color = color(v);
         let pts = rows(v);
         let path: Vec<String> = pts
             .iter()
