@@ -19,7 +19,7 @@ mod packet;
 mod query;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_MMAPABLE, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
     btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     helpers::generated as h,
     macros::{btf_map, classifier, xdp},
@@ -57,7 +57,7 @@ static LDNS_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 static LDNS_LOG: RingBuf<LogEvent, { LOG_RING_BYTES as usize }> = RingBuf::new();
 /// Benchmark floor only (`localdns_floor`); 1 entry when the daemon loads.
 #[btf_map]
-static LDNS_FLOOR: Array<FloorLine, 1, { BPF_F_MMAPABLE }> = Array::new();
+static LDNS_FLOOR: Array<FloorLine, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
 /// Never read here: declared so it is created and pinned with the others.
 #[btf_map]
 static LDNS_META: Array<Meta, 1> = Array::new();
@@ -80,9 +80,6 @@ static LDNS_HASH_SEED: u64 = 0;
 static LDNS_FAULT: u32 = 0;
 #[unsafe(no_mangle)]
 static LDNS_FLOOR_LINES: u32 = 0;
-
-/// `BPF_F_MMAPABLE`: an array map whose values start page-aligned.
-const BPF_F_MMAPABLE: usize = 1 << 10;
 
 #[inline(always)]
 fn listeners() -> Listeners {
@@ -358,8 +355,11 @@ pub fn localdns_floor(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let lines = global(&LDNS_FLOOR_LINES);
-    const _: () = assert!(FLOOR_SLOTS == 1 << 16);
-    let slot = (ld64(unsafe { f.add(O.q + 1) }).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u32;
+    // The hash's top bits index the slots.
+    const _: () = assert!(FLOOR_SLOTS.is_power_of_two());
+    const SHIFT: u32 = 64 - FLOOR_SLOTS.trailing_zeros();
+    let slot =
+        (ld64(unsafe { f.add(O.q + 1) }).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> SHIFT) as u32;
     let mut z = 0u64;
     let mut l = 0;
     while l < 8 && l < lines {

@@ -181,7 +181,6 @@ fn warmset_table(meta: &Value) -> String {
         return String::new();
     };
     let floor = find(Kind::Floor);
-    let fl = |i: usize, k: &str| floor.and_then(|f| f.get(i)).map_or(f64::NAN, |r| num(r, k));
     let mut s = format!(
         "\nLive BPF cost per packet (`run_time_ns / run_cnt`) against the warm set, kxdpgun at {} q/s, A queries over the set in turn, then the same set at saturation; medians of {} run(s) of {} s (plot: `docs/bench/warmset.svg`). The floor is the null responder after one 64-byte read of per-name memory (a page-aligned array, one line per name): the least any cache lookup costs.\n\n| warm names | localdns ns/hit | floor ns/packet | null ns/packet | × null | saturation: localdns ns/hit | floor | null | localdns replies/s | floor replies/s | null replies/s | rate × null | floor rate × null |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         meta["warmset_rate"], meta["runs"], meta["secs"]
@@ -189,10 +188,11 @@ fn warmset_table(meta: &Value) -> String {
     for (i, (n, o)) in null.iter().zip(ours).enumerate() {
         let (a, b) = (num(o, "bpf_ns_per_run"), num(n, "bpf_ns_per_run"));
         let (ra, rb) = (num(o, "sat_replies_per_s"), num(n, "sat_replies_per_s"));
-        let rf = fl(i, "sat_replies_per_s");
-        let floor_ok = floor
-            .and_then(|f| f.get(i))
-            .is_none_or(|r| r["all_noerror"] == true);
+        // The floor's row, where the run has one (NaN figures otherwise).
+        let fr = floor.and_then(|f| f.get(i));
+        let fl = |k: &str| fr.map_or(f64::NAN, |r| num(r, k));
+        let rf = fl("sat_replies_per_s");
+        let floor_ok = fr.is_none_or(|r| r["all_noerror"] == true);
         let _ = writeln!(
             s,
             "| {}{} | {a:.0} | {} | {b:.0} | {:.1} | {:.0} | {} | {:.0} | {} | {} | {} | {:.2} | {} |",
@@ -202,10 +202,10 @@ fn warmset_table(meta: &Value) -> String {
             } else {
                 " (not every query answered NOERROR: see the raw files)"
             },
-            or_na(fl(i, "bpf_ns_per_run"), 0),
+            or_na(fl("bpf_ns_per_run"), 0),
             a / b,
             num(o, "sat_bpf_ns_per_run"),
-            or_na(fl(i, "sat_bpf_ns_per_run"), 0),
+            or_na(fl("sat_bpf_ns_per_run"), 0),
             num(n, "sat_bpf_ns_per_run"),
             fmt_k(ra),
             fmt_k(rf),
@@ -306,13 +306,13 @@ pub(crate) fn plot_warmset(sweep: &[Value]) -> String {
         let y = ymax * f64::from(i) / 4.0;
         let _ = writeln!(s, "<text x=\"8\" y=\"{:.1}\">{y:.0} ns</text>", py(y) + 4.0);
     }
-    let color = |v: &Value| match v["name"].as_str() {
+    let color_of = |v: &Value| match v["name"].as_str() {
         Some(n) if n == Kind::Localdns.name() => "#1f4e79",
         Some(n) if n == Kind::Floor.name() => "#e07b39",
         _ => "#9dc3e6",
     };
     for (i, v) in sweep.iter().enumerate() {
-        let color = color(v);
+        let color = color_of(v);
         let pts = rows(v);
         let path: Vec<String> = pts
             .iter()
