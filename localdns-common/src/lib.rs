@@ -9,19 +9,29 @@
 //! every field's name or doc comment.
 #![no_std]
 
-/// Cache map name (BTF LRU hash), small size class.
+/// Cache map name (BTF array, `BPF_F_MMAPABLE`), small size class: a
+/// two-choice hash table the daemon lays out and the program only reads.
 ///
 /// - purpose: cached DNS responses the kernel may serve without the daemon,
-///   those that fit 264 bytes ([`CacheValue::compact`]: name up to 80
-///   bytes, tail up to 88, up to 8 records): nearly all of them
-/// - key: [`CacheKey`]; value: [`SmallValue`]
-/// - writer: `localdns-user` (after each cacheable upstream answer; deletes on
-///   expiry/flush; an entry lives in exactly one of the two cache maps);
+///   those that fit 256 bytes ([`CacheValue::compact`]: name up to 80
+///   bytes, tail up to 80, up to 8 records): nearly all of them
+/// - key: `u32` slot; value: [`SmallValue`], empty when its `hash` is 0.
+///   An entry of key hash `h` lives in one of the two slots
+///   [`slot_pair`]`(h, mask)`, `mask` = slots − 1 ([`GLOBAL_SLOT_MASK`]):
+///   both places are known from the hash alone, so the program reads both
+///   slots' first lines at once instead of a bucket and then an element
+///   (the hash map's two dependent cache misses, profile section 8)
+/// - writer: `localdns-user` only, through a shared mapping of the array,
+///   under the slot protocol of [`SLOT_BUSY`] (placement, displacement and
+///   eviction; an entry lives in exactly one of the two cache maps);
 ///   reader: XDP/TC program (looks here first; writes only
 ///   [`EntryHead::hits`])
-/// - capacity: [`CACHE_MAP_ENTRIES`] by default, `--fastpath-entries` at load
-/// - eviction: kernel LRU; the program also refuses entries older than
-///   their TTL
+/// - capacity: [`cache_slots`] of `--fastpath-entries` (twice that many,
+///   a power of two: 256-byte slots, page-aligned, lines never shared)
+/// - eviction: by the daemon when both slots of a new entry are taken by
+///   fresh entries and neither occupant can move to its other slot: the
+///   one that expires first goes. The program also refuses entries older
+///   than their TTL
 pub const MAP_CACHE: &str = "LDNS_CACHE";
 /// Cache map name (BTF LRU hash), big size class.
 ///
@@ -33,6 +43,37 @@ pub const MAP_CACHE: &str = "LDNS_CACHE";
 /// - capacity: [`big_entries`] of the small map's
 /// - eviction: kernel LRU, independent of [`MAP_CACHE`]'s
 pub const MAP_CACHE_BIG: &str = "LDNS_CACHE_BIG";
+
+/// Slots of [`MAP_CACHE`] for `--fastpath-entries` `entries`: twice as
+/// many, rounded up to a power of two (two-choice tables fill to about
+/// half before new entries start to evict fresh ones).
+pub const fn cache_slots(entries: u32) -> u32 {
+    let e = if entries < 1 { 1 } else { entries };
+    let e = if e > 1 << 29 { 1 << 29 } else { e };
+    e.next_power_of_two() * 2
+}
+
+/// The two slots of [`MAP_CACHE`] an entry of key hash `hash` may occupy
+/// (`mask` = slots − 1): the low and the high half of the hash. They may
+/// coincide.
+#[inline(always)]
+pub const fn slot_pair(hash: u64, mask: u32) -> (u32, u32) {
+    (hash as u32 & mask, (hash >> 32) as u32 & mask)
+}
+
+/// Global (`u32`): [`MAP_CACHE`]'s slots − 1, set at load.
+pub const GLOBAL_SLOT_MASK: &str = "LDNS_SLOT_MASK";
+
+/// [`EntryHead::generation`] of a [`MAP_CACHE`] slot being written. The
+/// daemon writes a slot in place, through its mapping of the array: it
+/// swaps the slot's generation to `SLOT_BUSY` (compare-and-swap, so two
+/// writers, e.g. a daemon and `localdns-user cache flush`, never write one
+/// slot at once), writes the rest, then stores the entry's new generation
+/// (release). The program does not serve a slot whose generation is
+/// `SLOT_BUSY`, and abandons a reply whose slot's generation changed
+/// while it was copied; x86-64 keeps stores in order and loads in order,
+/// so a reply is either the old entry's or the new one's.
+pub const SLOT_BUSY: u64 = u64::MAX;
 
 /// Capacity of [`MAP_CACHE_BIG`] for a [`MAP_CACHE`] of `entries`: a
 /// quarter (big answers are the exception), at least 64.
@@ -104,7 +145,7 @@ const _: () = assert!(core::mem::size_of::<FloorLine>() == 64);
 /// A daemon adopts pinned maps only when their [`Meta::layout`] equals
 /// this; otherwise it creates fresh maps (a cold kernel cache) and swaps
 /// the program on the existing links all the same.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 /// [`Meta::magic`]: "localdns" in ASCII.
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"localdns");
 
@@ -175,9 +216,9 @@ pub const FAULT_STOP_CHECKED: u32 = 18;
 /// Profiling: stop after the reply's checksum and flags were computed.
 pub const FAULT_STOP_SUMMED: u32 = 19;
 
-/// Default capacity of [`MAP_CACHE`] (entries): 336 bytes each in the
-/// kernel (memlock), plus a quarter as many 1,680-byte [`MAP_CACHE_BIG`]
-/// slots: 11.8 MiB.
+/// Default `--fastpath-entries`: [`MAP_CACHE`] gets twice as many
+/// 256-byte slots (8 MiB), [`MAP_CACHE_BIG`] a quarter as many 1,680-byte
+/// elements (6.6 MiB).
 pub const CACHE_MAP_ENTRIES: u32 = 16384;
 
 /// View index of 169.254.10.10 (`vnetDNSOverrides`).
@@ -326,7 +367,8 @@ pub struct EntryHead {
     /// changes it before the rest. The program reads it before and after
     /// copying the entry into a reply; a difference means the element was
     /// reused meanwhile (preallocated elements are recycled at once) and
-    /// the reply is abandoned.
+    /// the reply is abandoned. [`SLOT_BUSY`] while the daemon writes a
+    /// [`MAP_CACHE`] slot in place.
     pub generation: u64,
     /// What besides the name the entry answers for: compared with the
     /// query on every hit (the map key is only their hash). After
@@ -407,10 +449,11 @@ const _: () = assert!(core::mem::size_of::<CacheValue>() == 1608);
 const _: () = assert!(core::mem::offset_of!(CacheValue, head) == VALUE_HEAD_OFF);
 const _: () = assert!(core::mem::offset_of!(CacheValue, data) == 128);
 
-/// Where the head starts in every value. The kernel's hash element is a
-/// 48-byte header, the 8-byte key, then the value: 8 bytes of lead put
-/// the head, and its `generation`, at the start of the element's second
-/// cache line (elements are whole lines: 320 and 1,664 bytes). With the
+/// Where the head starts in every value. In [`MAP_CACHE_BIG`] the kernel's
+/// hash element is a 48-byte header, the 8-byte key, then the value: 8
+/// bytes of lead put the head, and its `generation`, at the start of the
+/// element's second cache line (elements are whole lines: 1,664 bytes); in
+/// a [`MAP_CACHE`] slot the hash fills those 8 bytes. With the
 /// head at the value's start instead (element offset 56), the torn-read
 /// stress test saw about one torn reply in ten runs of a few million: the
 /// kernel's copy of a new value into a reused element did not make the
@@ -424,21 +467,24 @@ pub const SMALL_TTLS: usize = 8;
 pub const SMALL_SPAN_MAX: usize = 80;
 /// Longest tail of a [`SmallValue`]: a few A/AAAA records with our OPT
 /// (one A + OPT is 27 bytes, two AAAA + OPT 67).
-pub const SMALL_TAIL_MAX: usize = 88;
+pub const SMALL_TAIL_MAX: usize = 80;
 /// Bytes of [`SmallValue::data`]: name, tail and the 8 spare bytes a word
 /// read at the largest checked offset needs.
 pub const SMALL_DATA_LEN: usize = SMALL_SPAN_MAX + SMALL_TAIL_MAX + 8;
 
-/// Value of [`MAP_CACHE`]: the same entry as a [`CacheValue`] in 264 bytes,
-/// for the common small answers. With the kernel's 48-byte element header
-/// and the 8-byte key an element is 320 bytes, five cache lines: the key
-/// in the first, the head in the second, `ttl_off`, the name and the tail
-/// in the next ones; 20,000 entries take 6 MiB of elements instead of 33.
+/// Value of [`MAP_CACHE`] (one slot): the same entry as a [`CacheValue`]
+/// in 256 bytes, for the common small answers. Slots are four whole cache
+/// lines: the hash, the generation and the key fields in the first, the
+/// rest of the head, `ttl_off` and the name's first bytes in the second,
+/// the rest of the name and the tail in the next two.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SmallValue {
-    /// Unused, zero: see [`VALUE_HEAD_OFF`].
-    pub _lead: u64,
+    /// [`CacheKey::hash`] of the entry; 0: the slot is empty (the daemon
+    /// keeps an entry whose hash is 0 in the big class). The program picks
+    /// the one of an entry's two slots whose `hash` equals the query's,
+    /// then checks the key fields and the name as in either class.
+    pub hash: u64,
     pub head: EntryHead,
     /// As [`CacheValue::ttl_off`], at most [`SMALL_TTLS`].
     pub ttl_off: [u16; SMALL_TTLS],
@@ -446,7 +492,7 @@ pub struct SmallValue {
     /// at most [`SMALL_TAIL_MAX`].
     pub data: [u8; SMALL_DATA_LEN],
 }
-const _: () = assert!(core::mem::size_of::<SmallValue>() == 264);
+const _: () = assert!(core::mem::size_of::<SmallValue>() == 256);
 const _: () = assert!(core::mem::offset_of!(SmallValue, head) == VALUE_HEAD_OFF);
 
 /// What the program needs of either size class: the head at
@@ -572,7 +618,7 @@ impl CacheValue {
             return None;
         }
         let mut s = SmallValue {
-            _lead: 0,
+            hash: 0,
             head: *h,
             ttl_off: [0; SMALL_TTLS],
             data: [0; SMALL_DATA_LEN],
@@ -852,7 +898,7 @@ mod tests {
 
     #[test]
     fn small_class_round_trips_what_fits() {
-        for (qlen, tail, ttls) in [(1, 8, 0), (17, 27, 1), (80, 88, 8), (73, 88, 8)] {
+        for (qlen, tail, ttls) in [(1, 8, 0), (17, 27, 1), (80, 80, 8), (73, 80, 8)] {
             let v = entry(qlen, tail, ttls);
             let s = v.compact().expect("fits the small class");
             let back = s.expand();
@@ -866,13 +912,22 @@ mod tests {
 
     #[test]
     fn big_entries_stay_big() {
-        // Name span 88, tail 89, 9 TTL fields: each alone is one too many.
-        for (qlen, tail, ttls) in [(81, 8, 0), (1, 89, 1), (1, 88, 9), (255, 1216, 28)] {
+        // Name span 88, tail 81, 9 TTL fields: each alone is one too many.
+        for (qlen, tail, ttls) in [(81, 8, 0), (1, 81, 1), (1, 80, 9), (255, 1216, 28)] {
             assert!(
                 entry(qlen, tail, ttls).compact().is_none(),
                 "{qlen}/{tail}/{ttls}"
             );
         }
+    }
+
+    #[test]
+    fn slots_are_twice_the_entries_in_a_power_of_two() {
+        assert_eq!(cache_slots(CACHE_MAP_ENTRIES), 32768);
+        assert_eq!(cache_slots(20_000), 65536);
+        assert_eq!(cache_slots(0), 2);
+        assert_eq!(cache_slots(u32::MAX), 1 << 30);
+        assert_eq!(slot_pair(0x0000_0005_0000_0003, 3), (3, 1));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use localdns_common::{
     FAULT_AFTER_COPY, FAULT_AFTER_RESIZE, FAULT_NO_GENERATION_CHECK, FAULT_RACE,
-    FAULT_RACE_NO_UNDO, KEY_F_DO, KEY_F_EDNS, MAX_KERNEL_TTL, SAVE_MAX, STAT_DROP_ERROR,
+    FAULT_RACE_NO_UNDO, KEY_F_DO, KEY_F_EDNS, MAX_KERNEL_TTL, SAVE_MAX, SLOT_BUSY, STAT_DROP_ERROR,
     STAT_EXPIRED, STAT_PASS_COLLISION, STAT_PASS_ERROR, STAT_PASS_RACE, STAT_PASS_ROOM,
     STAT_PASS_SIZE, Scratch, Slot, csum_fold, name_span, whole_secs,
 };
@@ -63,6 +63,9 @@ pub fn check<V: Slot>(q: &Query, v: &V, now: u64, scratch: *mut Scratch) -> Resu
     let name = unsafe { (*scratch).qname.as_ptr() };
     let h = v.head();
     let generation = unsafe { core::ptr::read_volatile(&h.generation) };
+    if generation == SLOT_BUSY {
+        return Err(STAT_PASS_RACE);
+    }
     barrier();
     // The map key is only a hash: the type, class, name length, view and
     // flags are compared here, the name below.

@@ -31,7 +31,7 @@ use localdns_common::{
     FloorLine, KEY_F_EDNS, LOG_RING_BYTES, LogEvent, MAX_LISTEN, MAX_QNAME, MAX_STAT_SLOTS,
     META_NEEDS_ROOM, Meta, STAT_ENTRIES, STAT_LOG_DROPPED, STAT_MISS, STAT_NOT_DNS,
     STAT_PASS_ERROR, STAT_PASS_ROOM, STAT_TRUNCATED, STAT_ZONE_BASE, Scratch, Slot, SmallValue,
-    big_entries, csum_fold,
+    big_entries, cache_slots, csum_fold, slot_pair,
 };
 
 use answer::Verdict;
@@ -41,8 +41,11 @@ use query::{IP_OFF, Listeners, MAX_QUERY, Off, Query, global};
 // Map contracts (purpose, key, value, writer, reader, capacity, eviction) are
 // documented on the MAP_* constants in localdns-common.
 #[btf_map]
-static LDNS_CACHE: LruHashMap<CacheKey, SmallValue, { CACHE_MAP_ENTRIES as usize }> =
-    LruHashMap::new();
+static LDNS_CACHE: Array<
+    SmallValue,
+    { cache_slots(CACHE_MAP_ENTRIES) as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
 #[btf_map]
 static LDNS_CACHE_BIG: LruHashMap<
     CacheKey,
@@ -80,6 +83,8 @@ static LDNS_HASH_SEED: u64 = 0;
 static LDNS_FAULT: u32 = 0;
 #[unsafe(no_mangle)]
 static LDNS_FLOOR_LINES: u32 = 0;
+#[unsafe(no_mangle)]
+static LDNS_SLOT_MASK: u32 = 0;
 
 #[inline(always)]
 fn listeners() -> Listeners {
@@ -133,15 +138,34 @@ fn answer<P: Packet, const V6: bool>(p: &P) -> Verdict {
     if fault == FAULT_STOP_PARSED {
         return Verdict::Pass(STAT_MISS);
     }
-    let key = CacheKey { hash: q.hash };
-    // Small class first: nearly every entry is there.
-    if let Some(vp) = LDNS_CACHE.get_ptr_mut(key) {
+    // Small class first: nearly every entry is there, in one of two slots
+    // known from the hash alone, so both first lines load at once.
+    if let Some(vp) = small_slot(q.hash) {
         return hit::<P, V6, SmallValue>(p, &q, vp, scratch, fault);
     }
+    let key = CacheKey { hash: q.hash };
     if let Some(vp) = LDNS_CACHE_BIG.get_ptr_mut(key) {
         return hit::<P, V6, CacheValue>(p, &q, vp, scratch, fault);
     }
     Verdict::Pass(STAT_MISS)
+}
+
+/// The slot of `LDNS_CACHE` holding the entry of key hash `hash`, if one
+/// of its two slots does (by the hash; [`answer::check`] compares the rest).
+#[inline(always)]
+fn small_slot(hash: u64) -> Option<*mut SmallValue> {
+    let (i, j) = slot_pair(hash, global(&LDNS_SLOT_MASK));
+    let a = LDNS_CACHE.get_ptr_mut(i)?;
+    let b = LDNS_CACHE.get_ptr_mut(j)?;
+    // Both loads are issued before either compare.
+    let (ha, hb) = unsafe { ((*a).hash, (*b).hash) };
+    if ha == hash {
+        Some(a)
+    } else if hb == hash {
+        Some(b)
+    } else {
+        None
+    }
 }
 
 /// Answers from the entry `vp` of either size class, or says why not.

@@ -13,6 +13,7 @@ pub mod attach;
 pub mod classes;
 pub mod encode;
 pub mod pins;
+pub mod slots;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -23,9 +24,10 @@ use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
     FLOOR_SLOTS, GLOBAL_FAULT, GLOBAL_FLOOR_LINES, GLOBAL_HASH_SEED, GLOBAL_LISTEN4,
-    GLOBAL_LISTEN6, GLOBAL_VIEW4, GLOBAL_VIEW6, LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_CACHE_BIG,
-    MAP_FLOOR, MAP_LOG, MAP_META, MAP_STATS, MAX_LISTEN, MAX_STAT_SLOTS, META_MAGIC, Meta,
-    STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED, STAT_ZONE_BASE, big_entries,
+    GLOBAL_LISTEN6, GLOBAL_SLOT_MASK, GLOBAL_VIEW4, GLOBAL_VIEW6, LAYOUT_VERSION, LogEvent,
+    MAP_CACHE, MAP_CACHE_BIG, MAP_FLOOR, MAP_LOG, MAP_META, MAP_STATS, MAX_LISTEN, MAX_STAT_SLOTS,
+    META_MAGIC, Meta, STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED, STAT_ZONE_BASE,
+    big_entries, cache_slots,
 };
 use thiserror::Error;
 
@@ -33,7 +35,6 @@ use crate::cache::{Entry, Key, mono_ns};
 use crate::ifaces::Iface;
 use attach::{Attacher, Change};
 use classes::CacheMaps;
-use encode::Generations;
 use pins::{PINNED_MAPS, PinDir};
 
 /// The eBPF object built by build.rs (BTF included).
@@ -77,6 +78,11 @@ pub enum FastpathError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("kernel cache slots: {source}")]
+    Slots {
+        #[source]
+        source: Box<slots::SlotsError>,
     },
     #[error("no program or map {0} in the object")]
     Missing(&'static str),
@@ -161,6 +167,7 @@ fn load_object(
             }
         }
     }
+    let slot_mask = cache_slots(entries) - 1;
     let mut loader = EbpfLoader::new();
     loader
         .override_global(GLOBAL_LISTEN4, &v4, true)
@@ -171,7 +178,8 @@ fn load_object(
         .override_global(GLOBAL_FAULT, &g.fault, true)
         .override_global(GLOBAL_FLOOR_LINES, &floor_lines, true)
         .map_max_entries(MAP_FLOOR, (FLOOR_SLOTS * floor_lines).max(1))
-        .map_max_entries(MAP_CACHE, entries)
+        .override_global(GLOBAL_SLOT_MASK, &slot_mask, true)
+        .map_max_entries(MAP_CACHE, cache_slots(entries))
         .map_max_entries(MAP_CACHE_BIG, big_entries(entries));
     let paths: Vec<(&str, PathBuf)> = pins
         .map(|p| PINNED_MAPS.iter().map(|m| (*m, p.map(m))).collect())
@@ -263,7 +271,6 @@ pub struct Fastpath {
     log_ring: Mutex<Option<RingBuf<MapData>>>,
     attacher: Mutex<Attacher>,
     seed: u64,
-    generations: Generations,
     prefetch: Option<Prefetch>,
     pub origin: Origin,
 }
@@ -344,7 +351,6 @@ impl Fastpath {
             log_ring: Mutex::new(Some(log_ring)),
             attacher: Mutex::new(Attacher::new(ebpf, pins, o.mode)),
             seed,
-            generations: Generations::default(),
             prefetch: o.prefetch,
             origin,
         })
@@ -396,7 +402,7 @@ impl Fastpath {
                     let ms = u64::from(v.head.ttl) * 10 * u64::from(100 - p.percent.min(100));
                     v.head.prefetch_ms = u32::try_from(ms).unwrap_or(u32::MAX);
                 }
-                v.head.generation = self.generations.next();
+                v.head.generation = map.next_generation();
                 if let Err(e) = map.insert(&bkey, &v) {
                     tracing::warn!(error = %e, "writing the kernel cache failed");
                 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, Map, MapData};
 use localdns_common::{
     CacheKey, CacheValue, LAYOUT_VERSION, MAP_CACHE, MAP_CACHE_BIG, MAP_META, MAP_STATS,
-    META_MAGIC, Meta, SmallValue, big_entries,
+    META_MAGIC, Meta, SmallValue, big_entries, cache_slots,
 };
 
 /// Maps shared with later instances.
@@ -175,10 +175,16 @@ impl PinDir {
             }
         }
         let ks = size_of::<CacheKey>() as u32;
-        for (m, vs, want) in [
-            (MAP_CACHE, size_of::<SmallValue>() as u32, entries),
+        for (m, k, vs, want) in [
+            (
+                MAP_CACHE,
+                size_of::<u32>() as u32,
+                size_of::<SmallValue>() as u32,
+                cache_slots(entries),
+            ),
             (
                 MAP_CACHE_BIG,
+                ks,
                 size_of::<CacheValue>() as u32,
                 big_entries(entries),
             ),
@@ -186,9 +192,9 @@ impl PinDir {
             let info = MapData::from_pin(self.map(m))
                 .and_then(|d| d.info())
                 .map_err(|e| Some(format!("{m} unreadable: {e}")))?;
-            if info.key_size() != ks || info.value_size() != vs {
+            if info.key_size() != k || info.value_size() != vs {
                 return Err(Some(format!(
-                    "{m} key/value sizes {}/{} differ from {ks}/{vs}",
+                    "{m} key/value sizes {}/{} differ from {k}/{vs}",
                     info.key_size(),
                     info.value_size()
                 )));
