@@ -161,8 +161,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 10.0)]
     tcp_idle_timeout: f64,
     /// Capacity of the kernel cache (preallocated, charged to the daemon's
-    /// memory cgroup): this many small entries (336 bytes each) plus a
-    /// quarter as many big ones (1.7 KiB each).
+    /// memory cgroup): twice this many 256-byte slots for small entries
+    /// (a power of two) plus a quarter as many big ones (1.7 KiB each).
     #[arg(long, default_value_t = localdns_common::CACHE_MAP_ENTRIES)]
     fastpath_entries: u32,
     /// Userspace cache capacity for answers (CoreDNS `success`), in entries
