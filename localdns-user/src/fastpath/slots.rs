@@ -32,9 +32,11 @@ pub enum SlotsError {
     Slots(u32),
 }
 
-/// Claims a slot a writer that died mid-write left busy after this many
-/// spins (a write takes well under a microsecond).
-const STEAL_AFTER_SPINS: u32 = 100_000;
+/// Claims a slot a writer that died mid-write left busy after this long.
+/// A write takes well under a microsecond; the bound is far above any
+/// preemption of a live writer (two writers in one slot could publish a
+/// torn entry), and a dead writer leaves at most one slot busy.
+const STEAL_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Slots a search for a displacement path looks at (chains of up to
 /// four moves).
@@ -169,16 +171,17 @@ impl SlotTable {
     /// Claims slot `i` for writing: its generation becomes [`SLOT_BUSY`].
     fn claim(&self, i: u32) {
         let g = self.gen_word(i);
-        let mut spins = 0u32;
+        let mut since: Option<std::time::Instant> = None;
         loop {
             let cur = g.load(Ordering::Relaxed);
-            if cur == SLOT_BUSY && spins < STEAL_AFTER_SPINS {
-                spins += 1;
-                std::hint::spin_loop();
+            if cur == SLOT_BUSY
+                && since.get_or_insert_with(std::time::Instant::now).elapsed() < STEAL_AFTER
+            {
+                std::thread::yield_now();
                 continue;
             }
-            // After STEAL_AFTER_SPINS the writer is taken for dead and the
-            // slot for ours (BUSY to BUSY).
+            // After STEAL_AFTER the writer is taken for dead and the slot
+            // for ours (BUSY to BUSY).
             if g.compare_exchange(cur, SLOT_BUSY, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
