@@ -130,11 +130,6 @@ impl CacheMaps {
         )
     }
 
-    /// Slots of the small class.
-    pub fn small_slots(&self) -> u32 {
-        self.small.slots()
-    }
-
     /// Removes every entry; returns how many there were.
     pub fn clear(&mut self) -> usize {
         let big: Vec<CacheKey> = self.big.keys().filter_map(|k| k.ok()).collect();

@@ -79,6 +79,11 @@ enum Place {
     Evict(u32),
 }
 
+/// Bytes of the mapping of a table of `slots`: whole pages.
+fn mapping_len(slots: u32) -> usize {
+    (slots as usize * size_of::<SmallValue>()).next_multiple_of(rustix::param::page_size())
+}
+
 impl SlotTable {
     /// Maps the array behind `fd` (a `BPF_F_MMAPABLE` array of `slots`
     /// [`SmallValue`]s).
@@ -86,8 +91,7 @@ impl SlotTable {
         if !slots.is_power_of_two() {
             return Err(SlotsError::Slots(slots));
         }
-        let page = rustix::param::page_size();
-        let bytes = (slots as usize * size_of::<SmallValue>()).next_multiple_of(page);
+        let bytes = mapping_len(slots);
         // SAFETY: a fresh shared mapping of the map's memory; nothing else
         // in this process aliases it.
         let p = unsafe {
@@ -104,16 +108,18 @@ impl SlotTable {
             bytes,
             source: e.into(),
         })?;
-        Ok(SlotTable {
-            base: NonNull::new(p.cast()).expect("mmap returns non-null"),
-            slots,
-            bytes,
-            gens: Generations::default(),
-        })
+        Ok(SlotTable::over(p, slots))
     }
 
-    pub fn slots(&self) -> u32 {
-        self.slots
+    /// The table over the mapping at `p` of [`mapping_len`]`(slots)` bytes,
+    /// which it unmaps when dropped.
+    fn over(p: *mut std::ffi::c_void, slots: u32) -> Self {
+        SlotTable {
+            base: NonNull::new(p.cast()).expect("mmap returns non-null"),
+            slots,
+            bytes: mapping_len(slots),
+            gens: Generations::default(),
+        }
     }
 
     /// A generation no write of this table has used (see
@@ -328,7 +334,9 @@ impl SlotTable {
     pub fn remove(&self, hash: u64) -> bool {
         let (i, j) = self.pair(hash);
         let mut found = false;
-        for s in if i == j { vec![i] } else { vec![i, j] } {
+        for s in [i, j] {
+            // A clear empties the slot, so a coinciding pair's second look
+            // finds nothing.
             if self.hash_at(s) == hash {
                 self.clear(s);
                 found = true;
@@ -372,23 +380,16 @@ mod tests {
     /// A table in anonymous memory (the kernel's array behaves the same
     /// for this module: plain shared memory).
     fn table(slots: u32) -> SlotTable {
-        let bytes =
-            (slots as usize * size_of::<SmallValue>()).next_multiple_of(rustix::param::page_size());
         let p = unsafe {
             rustix::mm::mmap_anonymous(
                 std::ptr::null_mut(),
-                bytes,
+                mapping_len(slots),
                 rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
                 rustix::mm::MapFlags::PRIVATE,
             )
         }
         .unwrap();
-        SlotTable {
-            base: NonNull::new(p.cast()).unwrap(),
-            slots,
-            bytes,
-            gens: Generations::default(),
-        }
+        SlotTable::over(p, slots)
     }
 
     fn entry(t: &SlotTable, hash: u64, insert_ns: u64, ttl: u32) -> SmallValue {
