@@ -49,7 +49,6 @@ const READ_TRIES: u32 = 64;
 pub struct SlotTable {
     base: NonNull<SmallValue>,
     slots: u32,
-    bytes: usize,
     gens: Generations,
 }
 
@@ -59,8 +58,10 @@ unsafe impl Send for SlotTable {}
 
 impl Drop for SlotTable {
     fn drop(&mut self) {
-        // SAFETY: base/bytes are the mapping made in `map`, unmapped once.
-        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.bytes) };
+        // SAFETY: base and mapping_len(slots) are the mapping made in
+        // `map` (or given to `over`), unmapped once.
+        let len = mapping_len(self.slots);
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), len) };
     }
 }
 
@@ -117,7 +118,6 @@ impl SlotTable {
         SlotTable {
             base: NonNull::new(p.cast()).expect("mmap returns non-null"),
             slots,
-            bytes: mapping_len(slots),
             gens: Generations::default(),
         }
     }
