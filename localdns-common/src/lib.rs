@@ -64,6 +64,25 @@ pub const fn slot_pair(hash: u64, mask: u32) -> (u32, u32) {
 /// Global (`u32`): [`MAP_CACHE`]'s slots − 1, set at load.
 pub const GLOBAL_SLOT_MASK: &str = "LDNS_SLOT_MASK";
 
+/// Global (`u64`): nanoseconds per jiffy (the kernel's tick, `TICK_NSEC`),
+/// set at load from the daemon's calibration. The program's clock is then
+/// [`jiffies_ns`]: `bpf_jiffies64`, which the verifier inlines into one
+/// load (no helper call: `bpf_ktime_get_coarse_ns` cost 34 of a hit's
+/// 213 ns on a VM with return-thunk mitigations, profile section 10).
+/// 0: no calibration; the program calls `bpf_ktime_get_coarse_ns`.
+pub const GLOBAL_TICK_NS: &str = "LDNS_TICK_NS";
+/// Global (`u64`): `CLOCK_MONOTONIC_COARSE` minus jiffies × tick, in ns
+/// (wrapping), measured by the daemon at load; see [`GLOBAL_TICK_NS`].
+pub const GLOBAL_JIFFY_BASE: &str = "LDNS_JIFFY_BASE";
+
+/// `CLOCK_MONOTONIC_COARSE` in ns from the kernel's jiffies: both advance
+/// at the tick, jiffies by exactly `tick_ns` of monotonic time each, so
+/// the two agree to within one tick for as long as the machine runs.
+#[inline(always)]
+pub const fn jiffies_ns(jiffies: u64, tick_ns: u64, base_ns: u64) -> u64 {
+    jiffies.wrapping_mul(tick_ns).wrapping_add(base_ns)
+}
+
 /// [`EntryHead::generation`] of a [`MAP_CACHE`] slot being written. The
 /// daemon writes a slot in place, through its mapping of the array: it
 /// swaps the slot's generation to `SLOT_BUSY` (compare-and-swap, so two
@@ -374,8 +393,8 @@ pub struct EntryHead {
     /// query on every hit (the map key is only their hash). After
     /// `generation`, which a copy into the element changes first.
     pub key: KeyFields,
-    /// `CLOCK_MONOTONIC_COARSE` nanoseconds at insertion (the clock of
-    /// `bpf_ktime_get_coarse_ns`). The entry is served while fewer than
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds at insertion (the program
+    /// reads it as [`jiffies_ns`], or `bpf_ktime_get_coarse_ns`). The entry is served while fewer than
     /// `ttl` whole seconds have passed since.
     pub insert_ns: u64,
     /// TTL in seconds of every record at `insert_ns` (already capped).
@@ -646,7 +665,7 @@ impl SmallValue {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LogEvent {
-    /// `bpf_ktime_get_coarse_ns` when answered.
+    /// The program's clock ([`jiffies_ns`]) when answered.
     pub ktime_ns: u64,
     /// Client address in network order: the first 4 bytes for IPv4.
     pub addr: [u8; 16],

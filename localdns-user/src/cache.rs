@@ -22,9 +22,9 @@ pub enum CacheError {
     NotCacheable { why: &'static str },
 }
 
-/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of
-/// `bpf_ktime_get_coarse_ns`, which the fast path reads on every hit (a
-/// few ns, where `bpf_ktime_get_ns` cost 28 of a 117 ns hit). It
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock the fast path
+/// reads on every hit, from the jiffies (`fastpath::clock`; where
+/// `bpf_ktime_get_ns` cost 28 of a 117 ns hit). It
 /// advances once per tick (1-10 ms): plenty for TTLs in whole seconds, and
 /// the kernel and the daemon age entries by the same clock.
 pub fn mono_ns() -> u64 {

@@ -1022,6 +1022,45 @@ fn collision_on_hash_passes() {
     assert_eq!(rig.stat(STAT_PASS_COLLISION), before + 1);
 }
 
+/// The program ages entries by jiffies scaled onto the daemon's coarse
+/// clock (calibrated at load, `fastpath::clock`), not by a helper: on this
+/// machine the calibration must succeed, and the program must agree with
+/// the daemon on either side of an expiry: 50 ms (a dozen ticks) after it
+/// the entry is expired; 300 ms before it (room for a slow emulator
+/// between seeding and the run) it answers byte for byte what the daemon
+/// would.
+#[test]
+fn program_clock_agrees_with_the_daemons_at_expiry() {
+    let clock = fastpath::clock::program_clock();
+    assert_ne!(
+        clock,
+        fastpath::clock::JiffyClock::HELPER,
+        "calibration failed: {:?}",
+        fastpath::clock::calibrate()
+    );
+    let q = dns_query(2, "www.example.test", 1, 0x0100, None);
+    let frame = udp_to(VNET, 53).build(&q);
+    // TTL 2 s: 300 ms before its end a hit, TTL 1; 50 ms after, expired.
+    for round in 0..5 {
+        let mut rig = Rig::new();
+        let e = rig.seed(VNET.into(), &q, &resp_short(&q), 2 * NS - 300_000_000);
+        let (rc, out) = rig.run("xdp", &frame);
+        assert_eq!(rc, XDP_TX, "round {round}: fresh entry not answered");
+        assert_eq!(
+            out,
+            expected_reply(&frame, &q, &e, mono_ns()),
+            "round {round}"
+        );
+        rig.clear();
+        rig.seed(VNET.into(), &q, &resp_short(&q), 2 * NS + 50_000_000);
+        let before = rig.stat(STAT_EXPIRED);
+        let (rc, out) = rig.run("xdp", &frame);
+        assert_eq!((rc, out == frame), (XDP_PASS, true), "round {round}");
+        assert_eq!(rig.stat(STAT_EXPIRED), before + 1, "round {round}");
+        std::thread::sleep(std::time::Duration::from_millis(7));
+    }
+}
+
 /// The map key is only a hash of the name and the key fields: an entry for
 /// the same name but another type, view or set of flags found under a
 /// query's key (a collision) is passed too, by the fields stored in the
@@ -1396,6 +1435,7 @@ fn helpers_are_those_of_linux_5_15() {
         (2, "map_update_elem"),
         (3, "map_delete_elem"),
         (160, "ktime_get_coarse_ns"),
+        (118, "jiffies64"),
         (8, "get_smp_processor_id"),
         (23, "redirect"),
         (44, "xdp_adjust_head"),
@@ -1411,6 +1451,7 @@ fn helpers_are_those_of_linux_5_15() {
         (2, "map_update_elem"),
         (3, "map_delete_elem"),
         (160, "ktime_get_coarse_ns"),
+        (118, "jiffies64"),
         (9, "skb_store_bytes"),
         (10, "l3_csum_replace"),
         (11, "l4_csum_replace"),

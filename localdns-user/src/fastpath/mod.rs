@@ -11,6 +11,7 @@
 
 pub mod attach;
 pub mod classes;
+pub mod clock;
 pub mod encode;
 pub mod pins;
 pub mod slots;
@@ -23,11 +24,11 @@ use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use localdns_common::{
-    FLOOR_SLOTS, GLOBAL_FAULT, GLOBAL_FLOOR_LINES, GLOBAL_HASH_SEED, GLOBAL_LISTEN4,
-    GLOBAL_LISTEN6, GLOBAL_SLOT_MASK, GLOBAL_VIEW4, GLOBAL_VIEW6, LAYOUT_VERSION, LogEvent,
-    MAP_CACHE, MAP_CACHE_BIG, MAP_FLOOR, MAP_LOG, MAP_META, MAP_STATS, MAX_LISTEN, MAX_STAT_SLOTS,
-    META_MAGIC, Meta, STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED, STAT_ZONE_BASE,
-    big_entries, cache_slots,
+    FLOOR_SLOTS, GLOBAL_FAULT, GLOBAL_FLOOR_LINES, GLOBAL_HASH_SEED, GLOBAL_JIFFY_BASE,
+    GLOBAL_LISTEN4, GLOBAL_LISTEN6, GLOBAL_SLOT_MASK, GLOBAL_TICK_NS, GLOBAL_VIEW4, GLOBAL_VIEW6,
+    LAYOUT_VERSION, LogEvent, MAP_CACHE, MAP_CACHE_BIG, MAP_FLOOR, MAP_LOG, MAP_META, MAP_STATS,
+    MAX_LISTEN, MAX_STAT_SLOTS, META_MAGIC, Meta, STAT_COUNT, STAT_HIT, STAT_NAMES, STAT_TRUNCATED,
+    STAT_ZONE_BASE, big_entries, cache_slots,
 };
 use thiserror::Error;
 
@@ -168,6 +169,7 @@ fn load_object(
         }
     }
     let slot_mask = cache_slots(entries) - 1;
+    let clock = clock::program_clock();
     let mut loader = EbpfLoader::new();
     loader
         .override_global(GLOBAL_LISTEN4, &v4, true)
@@ -179,6 +181,8 @@ fn load_object(
         .override_global(GLOBAL_FLOOR_LINES, &floor_lines, true)
         .map_max_entries(MAP_FLOOR, (FLOOR_SLOTS * floor_lines).max(1))
         .override_global(GLOBAL_SLOT_MASK, &slot_mask, true)
+        .override_global(GLOBAL_TICK_NS, &clock.tick_ns, true)
+        .override_global(GLOBAL_JIFFY_BASE, &clock.base_ns, true)
         .map_max_entries(MAP_CACHE, cache_slots(entries))
         .map_max_entries(MAP_CACHE_BIG, big_entries(entries));
     let paths: Vec<(&str, PathBuf)> = pins
