@@ -77,7 +77,9 @@ pub const GLOBAL_JIFFY_BASE: &str = "LDNS_JIFFY_BASE";
 
 /// `CLOCK_MONOTONIC_COARSE` in ns from the kernel's jiffies: both advance
 /// at the tick, jiffies by exactly `tick_ns` of monotonic time each, so
-/// the two agree to within one tick for as long as the machine runs.
+/// their difference stays inside a window two ticks wide for as long as
+/// the machine runs (the daemon's base puts the result 0 to 4 ticks
+/// ahead of the coarse clock: `fastpath::clock`).
 #[inline(always)]
 pub const fn jiffies_ns(jiffies: u64, tick_ns: u64, base_ns: u64) -> u64 {
     jiffies.wrapping_mul(tick_ns).wrapping_add(base_ns)
