@@ -117,7 +117,7 @@ pub fn calibrate() -> Result<JiffyClock, ClockError> {
     if !(1_000_000..=10_000_000).contains(&tick_ns) {
         return Err(ClockError::Tick(tick_ns));
     }
-    let mut bases = Vec::with_capacity(SAMPLES);
+    let (mut least, mut seen) = (u64::MAX, 0);
     for _ in 0..TRIES {
         let before = mono_ns();
         let jiffies = read_jiffies(TIMER_LIST)?;
@@ -126,9 +126,9 @@ pub fn calibrate() -> Result<JiffyClock, ClockError> {
         if !steady {
             continue; // a tick came between: the pair may be a tick apart
         }
-        bases.push(before.wrapping_sub(jiffies.wrapping_mul(tick_ns)));
-        if bases.len() == SAMPLES {
-            let least = bases.into_iter().min().expect("samples");
+        least = least.min(before.wrapping_sub(jiffies.wrapping_mul(tick_ns)));
+        seen += 1;
+        if seen == SAMPLES {
             // Never behind: the window of `off` is two ticks wide.
             let base_ns = least.wrapping_add(2 * tick_ns);
             return Ok(JiffyClock { tick_ns, base_ns });
