@@ -1465,10 +1465,11 @@ fn helpers_are_those_of_linux_5_15() {
     ];
     const LAST_IN_5_15: i32 = 175;
     let obj = object::File::parse(fastpath::EBPF_OBJECT).expect("ELF");
-    let text = obj.section_by_name(".text").map(|s| s.index());
+    let text = obj.section_by_name(".text");
+    let text_index = text.as_ref().map(|t| t.index());
     let mut found = Vec::new();
     for sec in obj.sections() {
-        if sec.kind() != SectionKind::Text || Some(sec.index()) == text {
+        if sec.kind() != SectionKind::Text || Some(sec.index()) == text_index {
             continue;
         }
         let name = sec.name().unwrap_or("?").to_string();
@@ -1487,11 +1488,9 @@ fn helpers_are_those_of_linux_5_15() {
             if !seen.insert(at) {
                 continue;
             }
-            let t = obj
-                .section_by_index(text.expect("a subprogram without .text"))
-                .unwrap();
-            let size = text_function_size(&obj, at);
-            scan_calls(&obj, &t, at, size, &mut calls, &mut subprogs);
+            let t = text.as_ref().expect("a subprogram without .text");
+            let size = text_function_size(&obj, t.index(), at);
+            scan_calls(&obj, t, at, size, &mut calls, &mut subprogs);
         }
         for c in &calls {
             assert!(*c <= LAST_IN_5_15, "{name}: helper {c} is newer than 5.15");
@@ -1571,10 +1570,9 @@ fn scan_calls(
     }
 }
 
-/// The size of the `.text` function starting at byte `at`.
-fn text_function_size(obj: &object::File, at: u64) -> u64 {
-    use object::{Object, ObjectSection, ObjectSymbol};
-    let text = obj.section_by_name(".text").unwrap().index();
+/// The size of the `.text` (section `text`) function starting at byte `at`.
+fn text_function_size(obj: &object::File, text: object::SectionIndex, at: u64) -> u64 {
+    use object::{Object, ObjectSymbol};
     obj.symbols()
         .find(|s| {
             s.section_index() == Some(text)
