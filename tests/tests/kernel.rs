@@ -1365,7 +1365,14 @@ fn torn_reads_are_never_sent() {
                     .unwrap();
                 let t0 = std::time::Instant::now();
                 let mut out = vec![0u8; 1024];
-                while t0.elapsed() < std::time::Duration::from_secs(2) {
+                // At least 2 s, then on until 10,000 replies: under qemu's
+                // emulation a reply is ~30 times rarer than on the host,
+                // so a fixed time proves little there. Bounded at 30 s.
+                let (min, max) = (
+                    std::time::Duration::from_secs(2),
+                    std::time::Duration::from_secs(30),
+                );
+                while t0.elapsed() < min || (tx < 10_000 && t0.elapsed() < max) {
                     let (rc, len) = test_run_xdp(p, &frame, &mut out);
                     if rc != XDP_TX {
                         passed += 1;
@@ -1394,11 +1401,11 @@ fn torn_reads_are_never_sent() {
         ));
             if fault == localdns_common::FAULT_NONE {
                 assert_eq!(torn, 0, "{}", report.join("; "));
-                assert!(tx > 10_000, "too few replies: {}", report.join("; "));
+                assert!(tx >= 10_000, "too few replies: {}", report.join("; "));
             }
         }
     }
-    println!("torn-read stress (2 s each): {}", report.join("; "));
+    println!("torn-read stress (2-30 s each): {}", report.join("; "));
 }
 
 /// One `BPF_PROG_TEST_RUN` of an XDP program: (return value, output length).
