@@ -299,7 +299,9 @@ fn in_vm(cmd: &str) -> Result<i32> {
         &root().join("target/vm"),
         cmd,
         &root(),
-        Duration::from_secs(300),
+        // Room for a slow CI machine: the torn-read test alone may run
+        // 60 s there.
+        Duration::from_secs(600),
     )
 }
 
