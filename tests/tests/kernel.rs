@@ -1295,6 +1295,8 @@ fn torn_reads_are_never_sent() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(cpus >= 2, "needs two CPUs");
+    // Replies the check-on runs must see, and wait for.
+    const MIN_REPLIES: u64 = 10_000;
     // Each size class is its own map and its own compiled hit path: both
     // are raced. Names over 80 bytes put both entries in the big class.
     let pad = format!("{}.{}", "p".repeat(50), "q".repeat(30));
@@ -1372,7 +1374,7 @@ fn torn_reads_are_never_sent() {
                 let min = std::time::Duration::from_secs(2);
                 let max = std::time::Duration::from_secs(30);
                 let want = if fault == localdns_common::FAULT_NONE {
-                    10_000
+                    MIN_REPLIES
                 } else {
                     0
                 };
@@ -1405,7 +1407,7 @@ fn torn_reads_are_never_sent() {
         ));
             if fault == localdns_common::FAULT_NONE {
                 assert_eq!(torn, 0, "{}", report.join("; "));
-                assert!(tx >= 10_000, "too few replies: {}", report.join("; "));
+                assert!(tx >= MIN_REPLIES, "too few replies: {}", report.join("; "));
             }
         }
     }
@@ -1478,6 +1480,8 @@ fn helpers_are_those_of_linux_5_15() {
     let obj = object::File::parse(fastpath::EBPF_OBJECT).expect("ELF");
     let text = obj.section_by_name(".text");
     let text_index = text.as_ref().map(|t| t.index());
+    // `.text`'s code and relocations, read once for all its subprograms.
+    let text_code = text.as_ref().map(Code::of);
     let mut found = Vec::new();
     for sec in obj.sections() {
         if sec.kind() != SectionKind::Text || Some(sec.index()) == text_index {
@@ -1493,15 +1497,18 @@ fn helpers_are_those_of_linux_5_15() {
         // (BPF-to-BPF calls): their helper calls run as this program type.
         let mut calls = std::collections::BTreeSet::new();
         let mut subprogs = Vec::new();
-        scan_calls(&obj, &sec, 0, sec.size(), &mut calls, &mut subprogs);
+        Code::of(&sec).scan(&obj, 0, sec.size(), &mut calls, &mut subprogs);
         let mut seen = std::collections::BTreeSet::new();
         while let Some(at) = subprogs.pop() {
             if !seen.insert(at) {
                 continue;
             }
-            let t = text.as_ref().expect("a subprogram without .text");
+            let (t, code) = text
+                .as_ref()
+                .zip(text_code.as_ref())
+                .expect("a subprogram without .text");
             let size = text_function_size(&obj, t.index(), at);
-            scan_calls(&obj, t, at, size, &mut calls, &mut subprogs);
+            code.scan(&obj, at, size, &mut calls, &mut subprogs);
         }
         for c in &calls {
             assert!(*c <= LAST_IN_5_15, "{name}: helper {c} is newer than 5.15");
@@ -1529,55 +1536,74 @@ fn helpers_are_those_of_linux_5_15() {
     println!("helpers called: {}", found.join("; "));
 }
 
-/// Scans `size` bytes of `sec` from `from`: helper calls go to `calls`,
-/// BPF-to-BPF call targets (byte offsets in `.text`) to `subprogs`.
-fn scan_calls(
-    obj: &object::File,
-    sec: &object::Section,
-    from: u64,
-    size: u64,
-    calls: &mut std::collections::BTreeSet<i32>,
-    subprogs: &mut Vec<u64>,
-) {
-    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
-    let code = sec.data().expect("section data");
-    let relocs: std::collections::BTreeMap<u64, _> = sec.relocations().collect();
-    let mut i = from as usize;
-    while i + 8 <= (from + size) as usize {
-        let (op, regs) = (code[i], code[i + 1]);
-        let imm = i32::from_le_bytes(code[i + 4..i + 8].try_into().unwrap());
-        // BPF_JMP|BPF_CALL: src_reg 0 a helper, 1 a BPF-to-BPF call, 2 a
-        // kfunc (which 5.15's XDP/TC lack).
-        if op == 0x85 {
-            match regs >> 4 {
-                0 => {
-                    calls.insert(imm);
-                }
-                1 => {
-                    // Into another section through a relocation (against
-                    // the section: the target is in the immediate; against
-                    // a function: its address), else relative to here.
-                    let target = match relocs.get(&(i as u64)).map(|r| r.target()) {
-                        Some(RelocationTarget::Symbol(s)) => {
-                            let sym = obj.symbol_by_index(s).unwrap();
-                            if sym.kind() == object::SymbolKind::Section {
-                                (imm as i64 + 1) as u64 * 8
-                            } else {
-                                sym.address()
-                            }
-                        }
-                        Some(other) => panic!("call relocation {other:?}"),
-                        None => {
-                            assert_eq!(sec.name(), Ok(".text"), "an unrelocated call");
-                            (i as i64 + (imm as i64 + 1) * 8) as u64
-                        }
-                    };
-                    subprogs.push(target);
-                }
-                r => panic!("{:?}: call kind {r} (kfunc?) {imm}", sec.name()),
-            }
+/// A code section's bytes and relocations (by offset), and whether it is
+/// `.text`, where unrelocated calls are relative.
+struct Code<'a> {
+    name: String,
+    data: &'a [u8],
+    relocs: std::collections::BTreeMap<u64, object::Relocation>,
+}
+
+impl<'a> Code<'a> {
+    fn of(sec: &object::Section<'a, '_>) -> Self {
+        use object::ObjectSection;
+        Code {
+            name: sec.name().unwrap_or("?").to_string(),
+            data: sec.data().expect("section data"),
+            relocs: sec.relocations().collect(),
         }
-        i += if op == 0x18 { 16 } else { 8 }; // lddw is two slots
+    }
+
+    /// Scans `size` bytes from `from`: helper calls go to `calls`,
+    /// BPF-to-BPF call targets (byte offsets in `.text`) to `subprogs`.
+    fn scan(
+        &self,
+        obj: &object::File,
+        from: u64,
+        size: u64,
+        calls: &mut std::collections::BTreeSet<i32>,
+        subprogs: &mut Vec<u64>,
+    ) {
+        use object::{Object, ObjectSymbol, RelocationTarget};
+        let code = self.data;
+        let mut i = from as usize;
+        while i + 8 <= (from + size) as usize {
+            let (op, regs) = (code[i], code[i + 1]);
+            let imm = i32::from_le_bytes(code[i + 4..i + 8].try_into().unwrap());
+            // BPF_JMP|BPF_CALL: src_reg 0 a helper, 1 a BPF-to-BPF call, 2
+            // a kfunc (which 5.15's XDP/TC lack).
+            if op == 0x85 {
+                match regs >> 4 {
+                    0 => {
+                        calls.insert(imm);
+                    }
+                    1 => {
+                        // Into another section through a relocation
+                        // (against the section: the target is in the
+                        // immediate; against a function: its address),
+                        // else relative to here.
+                        let target = match self.relocs.get(&(i as u64)).map(|r| r.target()) {
+                            Some(RelocationTarget::Symbol(s)) => {
+                                let sym = obj.symbol_by_index(s).unwrap();
+                                if sym.kind() == object::SymbolKind::Section {
+                                    (imm as i64 + 1) as u64 * 8
+                                } else {
+                                    sym.address()
+                                }
+                            }
+                            Some(other) => panic!("call relocation {other:?}"),
+                            None => {
+                                assert_eq!(self.name, ".text", "an unrelocated call");
+                                (i as i64 + (imm as i64 + 1) * 8) as u64
+                            }
+                        };
+                        subprogs.push(target);
+                    }
+                    r => panic!("{}: call kind {r} (kfunc?) {imm}", self.name),
+                }
+            }
+            i += if op == 0x18 { 16 } else { 8 }; // lddw is two slots
+        }
     }
 }
 
