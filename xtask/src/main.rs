@@ -107,6 +107,11 @@ enum Cmd {
         /// Smoke run (< 3 min), written under target/bench-quick/.
         #[arg(long)]
         quick: bool,
+        /// The daemon's `--fastpath-entries` (default 65,536: room for
+        /// the sweep's 50,000 names); the kernel table is 512 bytes per
+        /// entry.
+        #[arg(long)]
+        fastpath_entries: Option<u32>,
         /// Only this contender (plus the null responder), e.g. `unbound`.
         only: Option<String>,
     },
@@ -368,13 +373,20 @@ fn main() -> Result<()> {
             prereqs()?;
             fuzz_briefly(secs)
         }
-        Cmd::Bench { quick, only } => {
+        Cmd::Bench {
+            quick,
+            fastpath_entries,
+            only,
+        } => {
             prereqs_with(&[DEBIAN_PACKAGES, BENCH_PACKAGES].concat())?;
             build()?;
             run(cargo().args(["build", "--release", "-p", "localdns-tests", "--bins"]))?;
             let mut c = Command::new(root().join("target/release/bench"));
             if quick {
                 c.arg("--quick");
+            }
+            if let Some(n) = fastpath_entries {
+                c.arg(format!("--fastpath-entries={n}"));
             }
             c.args(only);
             run(&mut c)

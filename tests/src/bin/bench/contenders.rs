@@ -150,7 +150,7 @@ pub(crate) fn start_with(k: Kind, t: &Topo, o: &Opts, extra: &[&str]) -> Running
                 "--pin-path",
                 &t.pin_path(),
                 "--fastpath-entries",
-                "65536",
+                &o.fastpath_entries.to_string(),
                 "--config",
             ])
             .arg(cfg);

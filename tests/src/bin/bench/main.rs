@@ -41,6 +41,9 @@ pub(crate) struct Opts {
     pub(crate) fixed_qps: u32,
     /// Offered rate of the warm-set sweep (`--warmset-rate=N`).
     pub(crate) warmset_rate: u32,
+    /// The daemon's `--fastpath-entries` (`--fastpath-entries=N`): room
+    /// for the largest warm set, and the kernel table's footprint.
+    pub(crate) fastpath_entries: u32,
     pub(crate) out: PathBuf,
     pub(crate) repo: PathBuf,
 }
@@ -75,6 +78,10 @@ pub(crate) fn main() {
             .iter()
             .find_map(|a| a.strip_prefix("--warmset-rate=")?.parse().ok())
             .unwrap_or(warmset::RATE),
+        fastpath_entries: args
+            .iter()
+            .find_map(|a| a.strip_prefix("--fastpath-entries=")?.parse().ok())
+            .unwrap_or(65536),
         out: out.clone(),
         repo: repo.clone(),
     };

@@ -197,11 +197,7 @@ fn warmset_table(meta: &Value) -> String {
             s,
             "| {}{} | {a:.0} | {} | {b:.0} | {:.1} | {:.0} | {} | {:.0} | {} | {} | {} | {:.2} | {} |",
             o["names"],
-            if o["all_noerror"] == true && n["all_noerror"] == true && floor_ok {
-                ""
-            } else {
-                " (not every query answered NOERROR: see the raw files)"
-            },
+            row_caveat(o, n, floor_ok),
             or_na(fl("bpf_ns_per_run"), 0),
             a / b,
             num(o, "sat_bpf_ns_per_run"),
@@ -215,6 +211,24 @@ fn warmset_table(meta: &Value) -> String {
         );
     }
     s.push_str(&memory_latency_line(&meta["memory_latency"]));
+    s
+}
+
+/// What makes a sweep row measure something other than kernel hits: a
+/// query without a NOERROR reply, or one the daemon answered (the
+/// kernel's share is recorded since 2026-12-06).
+fn row_caveat(ours: &Value, null: &Value, floor_ok: bool) -> String {
+    let mut s = String::new();
+    if ours["all_noerror"] != true || null["all_noerror"] != true || !floor_ok {
+        s.push_str(" (not every query answered NOERROR: see the raw files)");
+    }
+    if let Some(share) = ours["kernel_share"].as_f64().filter(|s| *s < 0.999) {
+        let _ = write!(
+            s,
+            " (the kernel answered only {:.2}% of localdns's queries)",
+            share * 100.0
+        );
+    }
     s
 }
 
@@ -416,5 +430,30 @@ pub(crate) fn update_readme(path: &Path, md: &str) {
             &text[j..]
         );
         std::fs::write(path, new).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::row_caveat;
+
+    #[test]
+    fn a_sweep_row_the_daemon_partly_answered_is_flagged() {
+        let null = json!({ "all_noerror": true });
+        let row = |share: serde_json::Value| json!({ "all_noerror": true, "kernel_share": share });
+        // Every query a kernel hit, or a run from before the share was
+        // recorded: no caveat.
+        assert_eq!(row_caveat(&row(json!(1.0)), &null, true), "");
+        assert_eq!(row_caveat(&row(serde_json::Value::Null), &null, true), "");
+        assert_eq!(row_caveat(&row(json!(0.9995)), &null, true), "");
+        assert_eq!(
+            row_caveat(&row(json!(0.99217)), &null, true),
+            " (the kernel answered only 99.22% of localdns's queries)"
+        );
+        let failed = json!({ "all_noerror": false, "kernel_share": 1.0 });
+        assert!(row_caveat(&failed, &null, true).contains("NOERROR"));
+        assert!(row_caveat(&row(json!(1.0)), &null, false).contains("NOERROR"));
     }
 }
